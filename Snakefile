@@ -1,0 +1,61 @@
+# ctxext: fine-tune and evaluate every cell of a long-context extension study, store every number in
+# DuckDB and render a paper-style HTML report.
+#
+#   snakemake --cores all report                                  # the default study (tiny)
+#   snakemake --cores all report --config study=micro             # another study
+#   snakemake --cores all report --config overrides='["finetune.steps=50"]'   # Hydra overrides
+#   snakemake -n --cores all report                               # list every job/cell
+import json
+import sys
+
+sys.path.insert(0, workflow.basedir)
+from workflow.config import ConfigError, cell_record, code_version, compose, config_hash, expand_grid, stage_config
+
+shell.executable("/bin/bash")
+
+try:
+    CFG = compose(config.get("study"), config.get("overrides", []))
+    CELLS = {cell["cell_id"]: cell for cell in expand_grid(CFG)}
+except ConfigError as exc:
+    raise WorkflowError(f"ctxext configuration error: {exc}")
+
+STUDY = CFG["study"]["name"]
+R = f"results/{STUDY}"
+PY = sys.executable
+TASKS = CFG["eval"]["tasks"]
+FINETUNED = [c for c, cell in CELLS.items() if cell["regime"] == "finetuned"]
+VERSION = code_version()
+
+print(f"ctxext study {STUDY!r}: {len(CELLS)} cells ({len(FINETUNED)} fine-tuned): {', '.join(CELLS)}",
+      file=sys.stderr)
+
+
+def job_config(name, payload):
+    """Write a job's resolved config beside its results and return the path (provenance + input)."""
+    from workflow.common import write_json
+
+    return write_json(f"{R}/configs/{name}.json", json.loads(payload))
+
+
+def tee(log):
+    """Shell suffix: stderr goes to the job's log file and to the terminal (progress stays visible)."""
+    return f"2> >(tee -a {log} >&2)"
+
+
+wildcard_constraints:
+    cell="|".join(CELLS),
+    finetuned_cell="|".join(FINETUNED) if FINETUNED else "^$",
+
+
+include: "workflow/rules/data.smk"
+include: "workflow/rules/base.smk"
+include: "workflow/rules/finetune.smk"
+include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/store.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        f"{R}/report.html",

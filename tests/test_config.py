@@ -1,0 +1,97 @@
+"""Configuration: Hydra composition, validation before compute, and the grid of cells."""
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+from workflow.config import ConfigError, cell_id, cell_record, compose, expand_grid
+
+TINY_CELLS = {
+    "none-exact-256-frozen",
+    *(f"{m}-exact-{n}-ft" for m in ("pi", "ntk", "dynamic_ntk", "yarn") for n in (512, 1024)),
+    *(f"{m}-exact-1024-frozen" for m in ("ntk", "dynamic_ntk", "yarn")),
+}
+
+
+def test_tiny_grid_is_exactly_the_configured_cells():
+    cells = expand_grid(compose("tiny"))
+    assert {c["cell_id"] for c in cells} == TINY_CELLS
+    assert len(cells) == 12
+
+
+def test_micro_has_the_same_grid_shape():
+    cfg = compose("micro")
+    cells = expand_grid(cfg)
+    base = cfg["model"]["base_window"]
+    assert len(cells) == 12
+    assert {c["cell_id"] for c in cells} == {
+        c.replace("-256-", f"-{base}-").replace("-512-", "-128-").replace("-1024-", "-256-") for c in TINY_CELLS}
+
+
+def test_overrides_reach_the_resolved_config():
+    cfg = compose("micro", ["finetune.steps=3", "eval.lengths=[32,64]"])
+    assert cfg["finetune"]["steps"] == 3 and cfg["eval"]["lengths"] == [32, 64]
+
+
+def test_method_params_are_resolved_per_regime():
+    cells = {c["cell_id"]: c for c in expand_grid(compose("tiny"))}
+    assert cells["dynamic_ntk-exact-1024-frozen"]["method_params"]["factor"] == 2
+    assert cells["dynamic_ntk-exact-1024-ft"]["method_params"]["factor"] == 2   # ceil(4 / 2)
+    assert cells["yarn-exact-512-ft"]["method_params"]["beta_fast"] == 32
+
+
+def test_cell_record_has_config_and_hash():
+    cfg = compose("micro")
+    cell = expand_grid(cfg)[1]
+    record = cell_record(cfg, cell, "abc")
+    assert record["cell_id"] == cell["cell_id"] and len(record["config_hash"]) == 64
+    changed = cell_record(compose("micro", ["finetune.lr=0.5"]), cell, "abc")
+    assert changed["config_hash"] != record["config_hash"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("grid=[{rope: nope, attention: exact, regime: frozen, train_len: 512}]", "rope='nope'"),
+    ("grid=[{rope: pi, attention: sideways, regime: frozen, train_len: 512}]", "attention='sideways'"),
+    ("grid=[{rope: pi, attention: exact, regime: frozen, train_len: 128}]", "train_len=128 must be above"),
+    ("grid=[{rope: pi, attention: exact, regime: melted, train_len: 512}]", "regime='melted'"),
+    ("eval.lengths=[128,-4]", "eval.lengths[1]"),
+    ("model.source=hf_dir", "model.path=None"),
+    ("grid=[{rope: yarn, attention: exact, regime: frozen, train_len: 512, params: {beta_quick: 3}}]", "beta_quick"),
+])
+def test_bad_config_stops_with_a_clear_message(override, message):
+    with pytest.raises(ConfigError) as err:
+        expand_grid(compose("tiny", [override]))
+    assert message in str(err.value)
+
+
+def test_unknown_method_message_lists_valid_names():
+    with pytest.raises(ConfigError, match="valid: none, pi, ntk, dynamic_ntk, yarn"):
+        expand_grid(compose("tiny", ["grid=[{rope: nope, attention: exact, regime: frozen, train_len: 512}]"]))
+
+
+def test_cell_id_slug():
+    assert cell_id("yarn", "exact", 1024, "finetuned") == "yarn-exact-1024-ft"
+    assert cell_id("none", "exact", 256, "frozen") == "none-exact-256-frozen"
+
+
+def _dry_run(tmp_path, *extra):
+    cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "-d", str(tmp_path), "-n",
+           "--cores", "2", "report", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_dry_run_lists_every_cell(tmp_path):
+    run = _dry_run(tmp_path)
+    assert run.returncode == 0, run.stderr
+    out = run.stdout + run.stderr
+    for cid in TINY_CELLS:
+        assert f"cell={cid}" in out or f"finetuned_cell={cid}" in out, cid
+    assert out.count("rule finetune:") == 8 and out.count("rule evaluate:") == 12
+
+
+def test_dry_run_fails_early_on_bad_config(tmp_path):
+    run = _dry_run(tmp_path, "--config", "overrides=[\"grid=[{rope: nope, attention: exact, regime: frozen, "
+                   "train_len: 512}]\"]")
+    assert run.returncode != 0
+    assert "rope='nope' is not a known method" in run.stdout + run.stderr

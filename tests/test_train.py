@@ -1,0 +1,85 @@
+"""The shared training loop: schedule, logging, checkpoints and resumption, deterministic batches."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from workflow.batches import finetune_batches, pretrain_batches
+from workflow.train import lr_at, train
+
+CFG = {"steps": 6, "lr": 1e-2, "schedule": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1, "weight_decay": 0.1,
+       "betas": [0.9, 0.95], "grad_clip": 1.0, "seed": 0, "checkpoint_every": 3}
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+
+
+def batches():
+    tokens = np.random.default_rng(0).integers(0, 64, size=5000).astype(np.uint16)
+    return pretrain_batches(tokens, 16, 4, seed=1)
+
+
+def test_schedules():
+    assert lr_at(0, CFG) == pytest.approx(5e-3) and lr_at(1, CFG) == pytest.approx(1e-2)
+    assert lr_at(5, CFG) < lr_at(3, CFG) and lr_at(6, CFG) == pytest.approx(1e-3)
+    constant = {**CFG, "schedule": "constant_with_warmup"}
+    assert lr_at(5, constant) == pytest.approx(1e-2)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        lr_at(4, {**CFG, "schedule": "zigzag"})
+
+
+def test_resume_gives_the_same_weights_and_log(tmp_path):
+    full = tiny_model()
+    train(full, batches(), CFG, tmp_path / "full", "full")
+
+    interrupted = tiny_model()
+    with pytest.raises(RuntimeError, match="killed"):
+        def dying(step, inner=batches()):
+            if step == 4:
+                raise RuntimeError("killed")
+            return inner(step)
+        train(interrupted, dying, CFG, tmp_path / "resumed", "resumed")
+    assert (tmp_path / "resumed" / "ckpt" / "trainer.pt").exists()
+    resumed = tiny_model()  # a fresh process would start from fresh weights and load the checkpoint
+    summary = train(resumed, batches(), CFG, tmp_path / "resumed", "resumed")
+    assert summary["resumed_from_step"] == 3
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    full_log = [json.loads(l) for l in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()]
+    resumed_log = [json.loads(l) for l in (tmp_path / "resumed" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed_log] == list(range(1, 7))
+    assert [r["loss"] for r in resumed_log] == [r["loss"] for r in full_log]
+
+
+def test_nan_loss_stops_training(tmp_path):
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="loss became nan"):
+        train(model, batches(), CFG, tmp_path, "nan")
+
+
+def test_finetune_batches_read_the_same_tokens_at_every_length():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    short, long = finetune_batches(tokens, 512, 2048), finetune_batches(tokens, 1024, 2048)
+    for step in range(3):
+        assert torch.equal(short(step).flatten(), long(step).flatten())
+    with pytest.raises(ValueError, match="multiple"):
+        finetune_batches(tokens, 1000, 2048)
+
+
+class EveryOther:
+    def row(self, i, length):
+        return np.full(length, 7) if i % 2 == 0 else None
+
+
+def test_batches_are_pure_functions_of_the_step_and_mix_rows():
+    tokens = np.random.default_rng(0).integers(0, 64, size=5000).astype(np.uint16)
+    fn = pretrain_batches(tokens, 16, 4, seed=3, mixer=EveryOther())
+    assert torch.equal(fn(5), fn(5)) and not torch.equal(fn(5), fn(6))
+    assert (fn(0)[0] == 7).all() and not (fn(0)[1] == 7).all()

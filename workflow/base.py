@@ -1,0 +1,61 @@
+"""Base stage: pretrain a small LLaMA-architecture model from scratch at the study's base window, or
+import an existing Hugging Face checkpoint directory. Saves `<out>/model` with save_pretrained
+(safetensors) together with the tokenizer.
+
+    python -m workflow.base --config base.json --data-dir results/tiny/data --out results/tiny/base
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from workflow.batches import pretrain_batches
+from workflow.common import log, read_json, set_threads, write_json
+from workflow.modeling import build_scratch_model, describe, load_model
+from workflow.retrieval import PasskeyMixer
+from workflow.train import remove_checkpoint, train
+
+
+def build_base(cfg: dict, data_dir: Path, out: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    model_cfg, pre = cfg["model"], cfg["pretrain"]
+    tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+    if model_cfg["source"] == "hf_dir":
+        log(f"importing the checkpoint at {model_cfg['path']}")
+        model = load_model(model_cfg["path"], model_cfg.get("attn_implementation", "sdpa"))
+        summary = {"source": "hf_dir", "path": model_cfg["path"]}
+    else:
+        model = build_scratch_model(model_cfg, tokenizer, seed=pre["seed"])
+        info = describe(model)
+        log(f"pretraining a {info['n_params'] / 1e6:.2f}M-parameter model at window {model_cfg['base_window']}")
+        tokens = np.load(data_dir / "train.npy", mmap_mode="r")
+        mixer = PasskeyMixer(tokenizer, seed=pre["seed"], share=cfg["data"]["passkey_share"])
+        batches = pretrain_batches(tokens, model_cfg["base_window"], pre["batch_size"], pre["seed"], mixer)
+        summary = {"source": "scratch", **train(model, batches, pre, out, label="pretrain")}
+    model_dir = out / "model"
+    shutil.rmtree(model_dir, ignore_errors=True)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    remove_checkpoint(out)
+    info = {**describe(model), **summary}
+    write_json(out / "model_info.json", info)
+    return info
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="the base stage's resolved config (JSON)")
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    build_base(read_json(args.config), args.data_dir, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Small helpers shared by the stage modules: JSON files written atomically, threads, memory, logging."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import tempfile
+from pathlib import Path
+
+# Every default works offline: no stage may reach a model or dataset hub unless the user configured one.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def read_json(path: str | Path) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def write_json(path: str | Path, obj, indent: int | None = 1) -> Path:
+    """Write JSON to a temporary file beside `path`, then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        json.dump(obj, fh, indent=indent, sort_keys=False, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def set_threads(threads: int) -> int:
+    import torch
+
+    threads = max(1, int(threads))
+    torch.set_num_threads(threads)
+    return threads
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process: the CUDA allocator's peak on a GPU, else the resident-set peak."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def log(message: str) -> None:
+    print(f"[ctxext] {message}", file=sys.stderr, flush=True)
+
+
+def hardware() -> str:
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
+    return f"CPU {platform.machine()} x{os.cpu_count()} (torch {torch.__version__})"

@@ -1,0 +1,186 @@
+"""Compose the Hydra configuration of a study, validate it, and expand its grid into cells.
+
+Everything here runs at Snakemake parse time, so a bad configuration stops `snakemake -n` before any
+compute, with a message that names the offending key and value.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO / "config"
+REGIMES = ("frozen", "finetuned")
+AXES = ("rope", "attention", "train_len", "regime")
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any compute."""
+
+
+def compose(study: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The resolved configuration (a plain dict) of `study` with Hydra `overrides` applied."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    all_overrides = ([f"study={study}"] if study else []) + [str(o) for o in overrides]
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            cfg = hydra_compose(config_name="config", overrides=all_overrides)
+            resolved = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as exc:  # Hydra's own messages name the bad override; keep them, add context
+        raise ConfigError(f"cannot compose the configuration (overrides {all_overrides}): {exc}") from exc
+    validate(resolved)
+    return resolved
+
+
+def _positive_int(value, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def validate(cfg: dict) -> None:
+    """Checks that do not need the grid: windows, lengths, steps."""
+    model, ev = cfg["model"], cfg["eval"]
+    _positive_int(model["base_window"], "model.base_window")
+    if model["source"] not in ("scratch", "hf_dir"):
+        raise ConfigError(f"model.source must be 'scratch' or 'hf_dir', got {model['source']!r}")
+    if model["source"] == "hf_dir":
+        path = model.get("path")
+        if not path or not (Path(path) / "config.json").is_file():
+            raise ConfigError(f"model.path={path!r} is not a Hugging Face checkpoint directory (no config.json)")
+    for key in ("lengths",):
+        if not isinstance(ev[key], list) or not ev[key]:
+            raise ConfigError(f"eval.{key} must be a non-empty list, got {ev[key]!r}")
+        for i, n in enumerate(ev[key]):
+            _positive_int(n, f"eval.{key}[{i}]")
+    for i, n in enumerate(ev["retrieval"]["lengths"]):
+        _positive_int(n, f"eval.retrieval.lengths[{i}]")
+    for i, d in enumerate(ev["retrieval"]["depths"]):
+        if not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
+            raise ConfigError(f"eval.retrieval.depths[{i}] must be in [0, 1], got {d!r}")
+    for stage in ("pretrain", "finetune"):
+        _positive_int(cfg[stage]["steps"], f"{stage}.steps")
+    unknown = set(ev["tasks"]) - {"ppl", "passkey", "needle"}
+    if unknown:
+        raise ConfigError(f"eval.tasks has unknown task(s) {sorted(unknown)}; valid: ppl, passkey, needle")
+
+
+def cell_id(rope: str, attention: str, train_len: int, regime: str) -> str:
+    """The readable slug of a cell, e.g. `yarn-exact-1024-ft`."""
+    return f"{rope}-{attention}-{train_len}-{'ft' if regime == 'finetuned' else 'frozen'}"
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def expand_grid(cfg: dict) -> list[dict]:
+    """All cells of the study's grid, validated, in config order (duplicates are an error)."""
+    from methods import ATTENTIONS, METHODS
+
+    base_window = cfg["model"]["base_window"]
+    cells, seen = [], {}
+    for index, entry in enumerate(cfg["grid"]):
+        where = f"grid[{index}]"
+        unknown = set(entry) - set(AXES) - {"params"}
+        if unknown:
+            raise ConfigError(f"{where} has unknown key(s) {sorted(unknown)}; valid: {', '.join(AXES)}, params")
+        missing = [a for a in AXES if a not in entry]
+        if missing:
+            raise ConfigError(f"{where} is missing axis/axes {missing}")
+        lists = [_as_list(entry[a]) for a in AXES]
+        for rope, attention, train_len, regime in itertools.product(*lists):
+            if rope not in METHODS:
+                raise ConfigError(f"{where}.rope={rope!r} is not a known method; valid: {', '.join(METHODS)}")
+            if attention not in ATTENTIONS:
+                raise ConfigError(
+                    f"{where}.attention={attention!r} is not a known attention; valid: {', '.join(ATTENTIONS)}")
+            if regime not in REGIMES:
+                raise ConfigError(f"{where}.regime={regime!r} is not valid; valid: {', '.join(REGIMES)}")
+            if train_len == "base":
+                train_len = base_window
+            _positive_int(train_len, f"{where}.train_len")
+            if rope == "none" and attention == "exact" and regime == "finetuned":
+                raise ConfigError(f"{where}: a fine-tuned cell needs a method (rope 'none' with exact attention "
+                                  "and regime 'finetuned' would only continue pretraining)")
+            if rope != "none" and train_len <= base_window:
+                raise ConfigError(f"{where}.train_len={train_len} must be above model.base_window={base_window} "
+                                  f"for method {rope!r} (it is the extension target)")
+            if rope == "none" and train_len != base_window and regime == "frozen":
+                raise ConfigError(f"{where}: the unmodified base model (rope 'none', frozen) has train_len "
+                                  f"{base_window} (the base window), got {train_len}")
+            cid = cell_id(rope, attention, train_len, regime)
+            if cid in seen:
+                raise ConfigError(f"{where} repeats cell {cid} (first defined in grid[{seen[cid]}])")
+            seen[cid] = index
+            params = _method_params(cfg, rope, base_window, train_len, regime, entry.get("params") or {}, where)
+            cells.append({"cell_id": cid, "rope": rope, "attention": attention, "train_len": train_len,
+                          "regime": regime, "base_window": base_window, "method_params": params})
+    if not cells:
+        raise ConfigError("the grid is empty")
+    return cells
+
+
+def _method_params(cfg, rope, base_window, train_len, regime, entry_params, where) -> dict:
+    """The method's resolved hyperparameters: its own defaults < config/method < grid entry params."""
+    from methods import get_method
+
+    method = get_method(rope)
+    params = dict(method.defaults(original_window=base_window, target_window=train_len, regime=regime))
+    params.update(cfg.get("method", {}).get(rope) or {})
+    params.update(entry_params)
+    head_dim = cfg["model"]["hidden_size"] // cfg["model"]["num_attention_heads"]
+    try:  # validates names and values now, before any compute
+        method.frequencies(head_dim=head_dim, base=float(cfg["model"]["rope_theta"]), original_window=base_window,
+                           target_window=train_len, seq_len=train_len, **params)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: invalid parameters {params} for method {rope!r}: {exc}") from exc
+    return params
+
+
+def stage_config(cfg: dict, cell: dict | None = None, stage: str = "cell") -> dict:
+    """The part of the configuration a stage depends on (its hash decides when Snakemake reruns it)."""
+    data = {**cfg["data"], "retrieval": cfg["eval"]["retrieval"], "model_source": cfg["model"]["source"],
+            "model_path": cfg["model"]["path"]}
+    if stage == "data":
+        return data
+    base = {"model": cfg["model"], "pretrain": cfg["pretrain"], "data": data}
+    if stage == "base":
+        return base
+    out = {"study": cfg["study"]["name"], **cell, "base": base}
+    if stage == "finetune":
+        return {**out, "finetune": cfg["finetune"]}
+    if stage == "evaluate":
+        return {**out, "finetune": cfg["finetune"] if cell["regime"] == "finetuned" else None, "eval": cfg["eval"]}
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def config_hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_version() -> str:
+    """The git commit of the code (with '-dirty' if tracked files differ), or 'unknown'."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cell_record(cfg: dict, cell: dict, version: str) -> dict:
+    """The content of cells/<cell_id>/cell.json: axes, method parameters, resolved config and its hash."""
+    resolved = stage_config(cfg, cell, "evaluate")
+    return {"schema_version": 1, "study": cfg["study"]["name"], **cell, "config": resolved,
+            "config_hash": config_hash(resolved), "code_version": version}

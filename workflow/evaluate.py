@@ -1,0 +1,177 @@
+"""Evaluate stage: score one cell on every task of the study and write one JSON file of tidy rows per
+task (`<cell>/eval/<task>.json`).
+
+- ppl: perplexity at every evaluation length on fixed windows cut from held-out test documents, the
+  loss averaged over all tokens of each window (LCEG's protocol); the same windows for every cell.
+- passkey, needle: retrieval accuracy on the data stage's length x depth grids. A sample counts as
+  correct when the model's argmax at every answer position is the answer token, which is exactly
+  greedy decoding's exact match, computed in one forward pass.
+
+    python -m workflow.evaluate --config evaluate.json --data-dir results/tiny/data \
+        --model results/tiny/cells/yarn-exact-1024-ft/model --out results/tiny/cells/yarn-exact-1024-ft/eval
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from workflow.common import log, peak_memory_mb, read_json, set_threads, write_json
+from workflow.modeling import apply_cell_method, load_model
+
+SCHEMA_VERSION = 1
+
+
+def document_bounds(tokens: np.ndarray, eos_id: int) -> list[tuple[int, int]]:
+    """(start, end) of every document of an EOS-separated token stream."""
+    cuts = np.flatnonzero(np.asarray(tokens) == eos_id)
+    starts = np.concatenate([[0], cuts + 1])
+    ends = np.concatenate([cuts, [len(tokens)]])
+    return [(int(s), int(e)) for s, e in zip(starts, ends) if e > s]
+
+
+def ppl_windows(tokens: np.ndarray, eos_id: int, length: int, n_windows: int, seed: int) -> tuple[list[int], int]:
+    """Start offsets of `n_windows` windows of `length` tokens. Windows lie inside single documents
+    (non-overlapping, seeded choice) where enough documents are long enough; the rest are cut from
+    the concatenated stream and counted as crossing document boundaries."""
+    inside = [s for start, end in document_bounds(tokens, eos_id) for s in range(start, end - length + 1, length)]
+    rng = np.random.default_rng([seed, length])
+    if len(inside) >= n_windows:
+        return sorted(int(s) for s in rng.choice(inside, size=n_windows, replace=False)), 0
+    limit = len(tokens) - length
+    if limit < 0:
+        raise ValueError(f"the test split has {len(tokens)} tokens, fewer than one window of {length}")
+    extra = sorted(int(s) for s in rng.integers(0, limit + 1, size=n_windows - len(inside)))
+    return sorted(inside) + extra, len(extra)
+
+
+@torch.no_grad()
+def token_losses(model, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token negative log-likelihood at every position but the last: [B, T-1]."""
+    logits = model(input_ids=batch).logits.float()
+    return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")
+
+
+def _batches(items: list, length: int, batch_tokens: int):
+    size = max(1, batch_tokens // length)
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def evaluate_ppl(model, tokens: np.ndarray, eos_id: int, cfg: dict) -> tuple[list[dict], dict]:
+    ppl_cfg, rows, windows_meta = cfg["ppl"], [], {}
+    for length in tqdm(cfg["lengths"], desc="ppl", mininterval=5.0):
+        n = max(ppl_cfg["min_windows"], ppl_cfg["tokens_per_length"] // length)
+        starts, crossing = ppl_windows(tokens, eos_id, length, n, ppl_cfg["seed"])
+        window_losses = []
+        for chunk in _batches(starts, length, cfg["batch_tokens"]):
+            batch = torch.from_numpy(np.stack([tokens[s:s + length] for s in chunk]).astype(np.int64))
+            window_losses.extend(token_losses(model, batch).mean(dim=1).tolist())
+        losses = np.array(window_losses)
+        mean = float(losses.mean())
+        half = 1.96 * float(losses.std(ddof=1)) / math.sqrt(len(losses)) if len(losses) > 1 else float("nan")
+        scored = len(starts) * (length - 1)
+        rows.append({"eval_len": length, "depth": None, "metric": "ppl", "value": math.exp(mean), "n": scored,
+                     "ci_low": math.exp(mean - half), "ci_high": math.exp(mean + half)})
+        rows.append({"eval_len": length, "depth": None, "metric": "loss", "value": mean, "n": scored,
+                     "ci_low": mean - half, "ci_high": mean + half})
+        windows_meta[str(length)] = {"windows": len(starts), "cross_document": crossing}
+    return rows, {"windows": windows_meta}
+
+
+def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@torch.no_grad()
+def answers_correct(model, samples: list[dict]) -> list[bool]:
+    """For same-length samples: is the argmax at every answer position the answer token?"""
+    batch = torch.tensor([s["input_ids"] + s["answer_ids"] for s in samples], dtype=torch.long)
+    logits = model(input_ids=batch).logits
+    out = []
+    for row, s in zip(range(len(samples)), samples):
+        start = len(s["input_ids"])
+        predicted = logits[row, start - 1:start - 1 + len(s["answer_ids"])].argmax(-1).tolist()
+        out.append(predicted == s["answer_ids"])
+    return out
+
+
+def evaluate_retrieval(model, path: Path, cfg: dict) -> tuple[list[dict], dict]:
+    samples = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    by_len = defaultdict(list)
+    for s in samples:
+        by_len[s["eval_len"]].append(s)
+    tally = defaultdict(lambda: [0, 0])
+    for length in tqdm(sorted(by_len), desc=Path(path).stem, mininterval=5.0):
+        group = by_len[length]
+        for chunk in _batches(group, length, cfg["batch_tokens"]):
+            for s, ok in zip(chunk, answers_correct(model, chunk)):
+                tally[(length, s["depth"])][0] += int(ok)
+                tally[(length, s["depth"])][1] += 1
+    rows = []
+    for (length, depth), (correct, n) in sorted(tally.items()):
+        low, high = wilson(correct, n)
+        rows.append({"eval_len": length, "depth": depth, "metric": "accuracy", "value": correct / n, "n": n,
+                     "ci_low": low, "ci_high": high})
+    return rows, {"samples": len(samples)}
+
+
+def cell_model(cfg: dict, model_dir: Path):
+    """The cell's model: the fine-tuned checkpoint, or the base model with the method applied."""
+    model = load_model(model_dir)
+    if cfg["regime"] == "frozen":
+        model = apply_cell_method(model, cfg)
+    return model
+
+
+def evaluate_cell(cfg: dict, data_dir: Path, model_dir: Path, out_dir: Path, tasks: list[str] | None = None) -> None:
+    ev = cfg["eval"]
+    tasks = tasks or ev["tasks"]
+    model = cell_model(cfg, model_dir)
+    manifest = read_json(data_dir / "manifest.json")
+    eos_id = manifest["tokenizer"]["eos_id"]
+    for task in tasks:
+        t0 = time.perf_counter()
+        if task == "ppl":
+            test = np.load(data_dir / "test.npy", mmap_mode="r")
+            rows, meta = evaluate_ppl(model, test, eos_id, ev)
+        else:
+            rows, meta = evaluate_retrieval(model, data_dir / f"{task}.jsonl", ev)
+        wall = time.perf_counter() - t0
+        meta.update({"wall_s": round(wall, 2), "peak_mem_mb": round(peak_memory_mb(), 1),
+                     "threads": torch.get_num_threads()})
+        write_json(out_dir / f"{task}.json", {"schema_version": SCHEMA_VERSION, "cell_id": cfg["cell_id"],
+                                              "task": task, "rows": rows, "meta": meta})
+        headline = ", ".join(f"{r['eval_len']}:{r['value']:.3g}" for r in rows
+                             if r["metric"] == "ppl" or (r["metric"] == "accuracy" and r["depth"] == rows[0]["depth"]))
+        log(f"{cfg['cell_id']} {task} ({wall:.0f} s): {headline}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="the cell's evaluate config (JSON)")
+    parser.add_argument("--data-dir", required=True, type=Path)
+    parser.add_argument("--model", required=True, type=Path, help="fine-tuned cell model, or the base model")
+    parser.add_argument("--out", required=True, type=Path, help="the cell's eval directory")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    evaluate_cell(read_json(args.config), args.data_dir, args.model, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,17 @@
+# Base stage: pretrain the base model from scratch (or import a checkpoint directory).
+rule base:
+    input:
+        manifest=f"{R}/data/manifest.json",
+        train=f"{R}/data/train.npy",
+    output:
+        model=directory(f"{R}/base/model"),
+        info=f"{R}/base/model_info.json",
+    params:
+        cfg=json.dumps(stage_config(CFG, stage="base"), sort_keys=True),
+    log:
+        f"{R}/logs/base.log",
+    threads: CFG["pretrain"]["threads"]
+    run:
+        path = job_config("base", params.cfg)
+        shell(f"{PY} -m workflow.base --config {path} --data-dir {R}/data --out {R}/base "
+              f"--threads {threads} {tee(log)}")

@@ -1,0 +1,16 @@
+# Fine-tune stage: one job per fine-tuned cell, the same recipe for every method.
+rule finetune:
+    input:
+        manifest=f"{R}/data/manifest.json",
+        base=f"{R}/base/model",
+    output:
+        model=directory(f"{R}/cells/{{finetuned_cell}}/model"),
+    params:
+        cfg=lambda w: json.dumps(stage_config(CFG, CELLS[w.finetuned_cell], "finetune"), sort_keys=True),
+    log:
+        f"{R}/logs/finetune/{{finetuned_cell}}.log",
+    threads: CFG["finetune"]["threads"]
+    run:
+        path = job_config(f"finetune-{wildcards.finetuned_cell}", params.cfg)
+        shell(f"{PY} -m workflow.finetune --config {path} --data-dir {R}/data --base {input.base} "
+              f"--out {R}/cells/{wildcards.finetuned_cell} --threads {threads} {tee(log)}")

@@ -1,0 +1,11 @@
+# Report stage: one self-contained HTML file rendered from DuckDB (opened read-only).
+rule report:
+    input:
+        db=f"{R}/metrics.duckdb",
+    output:
+        html=f"{R}/report.html",
+    log:
+        f"{R}/logs/report.log",
+    shell:
+        "{PY} -m workflow.report --db {input.db} --out {output.html} 2> >(tee -a {log} >&2) && "
+        "echo 'ctxext: report written to {output.html}' >&2"

@@ -1,0 +1,142 @@
+"""The training loop shared by pretraining (base stage) and fine-tuning: AdamW, a warm-up + cosine or
+constant schedule, gradient clipping, a JSON line per step, periodic checkpoints, and resumption from
+the last checkpoint when a killed job is restarted.
+
+Batches come from `batch_fn(step)`, a pure function of the step, so a resumed run sees exactly the
+rows the uninterrupted run would have seen.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from workflow.common import log, peak_memory_mb, write_json
+
+
+def lr_at(step: int, cfg: dict) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine decay to
+    lr * min_lr_ratio (schedule `cosine`) or constant (schedule `constant_with_warmup`)."""
+    base, warmup, total = cfg["lr"], cfg["warmup_steps"], cfg["steps"]
+    if step < warmup:
+        return base * (step + 1) / warmup
+    if cfg["schedule"] == "constant_with_warmup":
+        return base
+    if cfg["schedule"] != "cosine":
+        raise ValueError(f"unknown schedule {cfg['schedule']!r}; valid: cosine, constant_with_warmup")
+    progress = (step - warmup) / max(1, total - warmup)
+    floor = base * cfg["min_lr_ratio"]
+    return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _optimizer(model, cfg: dict) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]))
+
+
+def _save_checkpoint(ckpt_dir: Path, model, optimizer, step: int) -> None:
+    """Atomically replace `ckpt_dir` with the model and optimizer state after `step` steps."""
+    from safetensors.torch import save_model
+
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model(model, str(tmp / "model.safetensors"))
+    torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp / "trainer.pt")
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if ckpt_dir.exists():
+        os.replace(ckpt_dir, old)
+    os.replace(tmp, ckpt_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(ckpt_dir: Path, model, optimizer) -> int:
+    from safetensors.torch import load_model
+
+    load_model(model, str(ckpt_dir / "model.safetensors"))
+    state = torch.load(ckpt_dir / "trainer.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def _truncate_log(log_path: Path, last_step: int) -> None:
+    """Keep only the log lines of steps already covered by the checkpoint (no duplicates on resume)."""
+    if not log_path.exists():
+        return
+    kept = [line for line in log_path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= last_step]
+    log_path.write_text("".join(k + "\n" for k in kept))
+
+
+def train(model, batch_fn: Callable[[int], torch.Tensor], cfg: dict, work_dir: Path, label: str) -> dict:
+    """Train `model` in place for cfg['steps'] steps. Writes work_dir/train_log.jsonl and a checkpoint
+    under work_dir/ckpt every cfg['checkpoint_every'] steps; resumes from it if present. Returns the
+    summary (also written to work_dir/train_summary.json)."""
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir, log_path = work_dir / "ckpt", work_dir / "train_log.jsonl"
+    torch.manual_seed(cfg["seed"])
+    model.train()
+    optimizer = _optimizer(model, cfg)
+    start, resumed = 0, None
+    if (ckpt_dir / "trainer.pt").exists():
+        start = resumed = _load_checkpoint(ckpt_dir, model, optimizer)
+        log(f"{label}: resuming from the checkpoint at step {start}")
+    _truncate_log(log_path, start)
+
+    steps, tokens_total, losses = cfg["steps"], 0, []
+    t_start = time.perf_counter()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=label, mininterval=5.0, unit="step",
+               dynamic_ncols=True)
+    with open(log_path, "a") as log_file:
+        for step in bar:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            batch = batch_fn(step)
+            loss = model(input_ids=batch, labels=batch).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{label}: loss became {loss.item()} at step {step + 1}; stopping")
+            loss.backward()
+            if cfg.get("grad_clip"):
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            tokens_total += batch.numel()
+            losses.append(loss.item())
+            record = {"step": step + 1, "loss": round(loss.item(), 6), "lr": lr, "tokens": batch.numel(),
+                      "tokens_per_s": round(batch.numel() / dt, 1), "peak_mem_mb": round(peak_memory_mb(), 1),
+                      "elapsed_s": round(time.perf_counter() - t_start, 3)}
+            log_file.write(json.dumps(record) + "\n")
+            log_file.flush()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if (step + 1) % cfg["checkpoint_every"] == 0 and step + 1 < steps:
+                _save_checkpoint(ckpt_dir, model, optimizer, step + 1)
+    bar.close()
+    wall = time.perf_counter() - t_start
+    model.eval()
+    summary = {"steps": steps, "tokens": tokens_total, "wall_s": round(wall, 2),
+               "tokens_per_s": round(tokens_total / wall, 1) if wall > 0 else None,
+               "final_loss": losses[-1] if losses else None, "peak_mem_mb": round(peak_memory_mb(), 1),
+               "threads": torch.get_num_threads(), "resumed_from_step": resumed}
+    write_json(work_dir / "train_summary.json", summary)
+    log(f"{label}: {steps} steps, final loss {summary['final_loss']}, {summary['tokens_per_s']} tokens/s, "
+        f"{wall:.0f} s")
+    return summary
+
+
+def remove_checkpoint(work_dir: Path) -> None:
+    """Drop the resumption checkpoint once the final model is saved."""
+    shutil.rmtree(Path(work_dir) / "ckpt", ignore_errors=True)
