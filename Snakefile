@@ -30,16 +30,11 @@ print(f"ctxext study {STUDY!r}: {len(CELLS)} cells ({len(FINETUNED)} fine-tuned)
       file=sys.stderr)
 
 
-def job_config(name, payload):
-    """Write a job's resolved config beside its results and return the path (provenance + input)."""
-    from workflow.common import write_json
-
-    return write_json(f"{R}/configs/{name}.json", json.loads(payload))
-
-
-def tee(log):
-    """Shell suffix: stderr goes to the job's log file and to the terminal (progress stays visible)."""
-    return f"2> >(tee -a {log} >&2)"
+# Shell snippets shared by the rules. Each job first writes its resolved config (a rule param, so a
+# config change reruns exactly the jobs it affects) to results/<study>/configs/, then runs its stage
+# module; stderr goes both to the job's log file and to the terminal, so progress stays visible.
+WRITE_CONFIG = "mkdir -p {R}/configs && printf '%s\\n' {params.cfg:q} > {params.cfg_file}"
+TEE = "2> >(tee -a {log} >&2)"
 
 
 wildcard_constraints:

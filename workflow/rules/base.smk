@@ -8,10 +8,10 @@ rule base:
         info=f"{R}/base/model_info.json",
     params:
         cfg=json.dumps(stage_config(CFG, stage="base"), sort_keys=True),
+        cfg_file=f"{R}/configs/base.json",
     log:
         f"{R}/logs/base.log",
     threads: CFG["pretrain"]["threads"]
-    run:
-        path = job_config("base", params.cfg)
-        shell(f"{PY} -m workflow.base --config {path} --data-dir {R}/data --out {R}/base "
-              f"--threads {threads} {tee(log)}")
+    shell:
+        WRITE_CONFIG + " && {PY} -m workflow.base --config {params.cfg_file} --data-dir {R}/data --out {R}/base "
+        "--threads {threads} " + TEE

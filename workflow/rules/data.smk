@@ -8,9 +8,9 @@ rule data:
         needle=f"{R}/data/needle.jsonl",
     params:
         cfg=json.dumps(stage_config(CFG, stage="data"), sort_keys=True),
+        cfg_file=f"{R}/configs/data.json",
     log:
         f"{R}/logs/data.log",
     threads: 2
-    run:
-        path = job_config("data", params.cfg)
-        shell(f"OMP_NUM_THREADS={threads} {PY} -m workflow.data --config {path} --out {R}/data {tee(log)}")
+    shell:
+        WRITE_CONFIG + " && {PY} -m workflow.data --config {params.cfg_file} --out {R}/data " + TEE

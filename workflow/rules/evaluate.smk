@@ -11,10 +11,8 @@ rule cell_config:
         f"{R}/cells/{{cell}}/cell.json",
     params:
         record=lambda w: json.dumps(cell_record(CFG, CELLS[w.cell], VERSION), sort_keys=True),
-    run:
-        from workflow.common import write_json
-
-        write_json(output[0], json.loads(params.record))
+    shell:
+        "printf '%s\\n' {params.record:q} > {output}"
 
 
 rule evaluate:
@@ -27,10 +25,10 @@ rule evaluate:
         expand(f"{R}/cells/{{{{cell}}}}/eval/{{task}}.json", task=TASKS),
     params:
         cfg=lambda w: json.dumps(stage_config(CFG, CELLS[w.cell], "evaluate"), sort_keys=True),
+        cfg_file=f"{R}/configs/evaluate-{{cell}}.json",
     log:
         f"{R}/logs/evaluate/{{cell}}.log",
     threads: CFG["eval"]["threads"]
-    run:
-        path = job_config(f"evaluate-{wildcards.cell}", params.cfg)
-        shell(f"{PY} -m workflow.evaluate --config {path} --data-dir {R}/data --model {input.model} "
-              f"--out {R}/cells/{wildcards.cell}/eval --threads {threads} {tee(log)}")
+    shell:
+        WRITE_CONFIG + " && {PY} -m workflow.evaluate --config {params.cfg_file} --data-dir {R}/data "
+        "--model {input.model} --out {R}/cells/{wildcards.cell}/eval --threads {threads} " + TEE

@@ -7,10 +7,10 @@ rule finetune:
         model=directory(f"{R}/cells/{{finetuned_cell}}/model"),
     params:
         cfg=lambda w: json.dumps(stage_config(CFG, CELLS[w.finetuned_cell], "finetune"), sort_keys=True),
+        cfg_file=f"{R}/configs/finetune-{{finetuned_cell}}.json",
     log:
         f"{R}/logs/finetune/{{finetuned_cell}}.log",
     threads: CFG["finetune"]["threads"]
-    run:
-        path = job_config(f"finetune-{wildcards.finetuned_cell}", params.cfg)
-        shell(f"{PY} -m workflow.finetune --config {path} --data-dir {R}/data --base {input.base} "
-              f"--out {R}/cells/{wildcards.finetuned_cell} --threads {threads} {tee(log)}")
+    shell:
+        WRITE_CONFIG + " && {PY} -m workflow.finetune --config {params.cfg_file} --data-dir {R}/data "
+        "--base {input.base} --out {R}/cells/{wildcards.finetuned_cell} --threads {threads} " + TEE

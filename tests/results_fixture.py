@@ -1,0 +1,139 @@
+"""A small fake study results tree (the layout of results/<study>/) for the store and report tests."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+
+BASE_WINDOW = 256
+EVAL_LENGTHS = [128, 256, 512, 1024, 2048, 4096]
+RETRIEVAL_LENGTHS = [256, 512, 1024, 2048]
+DEPTHS = [0.0, 0.5, 1.0]
+HOSTILE = "<script>alert(1)</script>"
+HOSTILE_CELL = "evil-<img src=x onerror=alert(1)>-512-ft"
+
+# Perplexity per eval length of each cell that has results (None: no row at that length).
+PPL = {
+    "none-exact-256-frozen": [31.0, 27.5, 95.0, 940.0, 2.1e4, 3.4e5],
+    "pi-exact-512-ft": [30.2, 25.8, 22.9, 61.0, 410.0, 3050.0],
+    "yarn-exact-1024-ft": [29.6, 25.1, 22.4, 20.7, 36.0, 152.0],
+}
+MISSING_CELL = "ntk-exact-512-ft"  # has cell.json and a train log, no eval files
+
+
+def _write(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+
+
+def _cell_record(study: str, cell_id: str, rope: str, attention: str, train_len: int, regime: str,
+                 extra_config: dict | None = None) -> dict:
+    return {"schema_version": 1, "study": study, "cell_id": cell_id, "rope": rope,
+            "attention": attention, "train_len": train_len, "regime": regime,
+            "base_window": BASE_WINDOW,
+            "method_params": {"factor": train_len / BASE_WINDOW} if rope != "none" else {},
+            "config": {"finetune": {"steps": 30, "lr": 1e-3}, **(extra_config or {})},
+            "config_hash": hashlib.sha256(cell_id.encode()).hexdigest(), "code_version": "abc1234"}
+
+
+def _train_log(path: Path, steps: int, start: float, end: float) -> None:
+    lines = []
+    for step in range(1, steps + 1):
+        loss = end + (start - end) * math.exp(-step / (steps / 4)) + 0.05 * math.sin(step)
+        lines.append(json.dumps({"step": step, "loss": loss, "lr": 1e-3, "tokens": 4096,
+                                 "tokens_per_s": 1500.0 + step, "peak_mem_mb": 800.0 + step,
+                                 "elapsed_s": 2.7 * step}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _summary(steps: int, wall_s: float) -> dict:
+    return {"steps": steps, "tokens": steps * 4096, "wall_s": wall_s, "tokens_per_s": 4096 * steps / wall_s,
+            "final_loss": 3.2, "peak_mem_mb": 900.0, "threads": 2, "resumed_from_step": None}
+
+
+def ppl_eval(cell_id: str, values: list[float]) -> dict:
+    rows = []
+    for length, value in zip(EVAL_LENGTHS, values):
+        if value is None:
+            continue
+        n = 4 * length
+        rows.append({"eval_len": length, "depth": None, "metric": "ppl", "value": value, "n": n,
+                     "ci_low": value * 0.97, "ci_high": value * 1.03})
+        rows.append({"eval_len": length, "depth": None, "metric": "loss", "value": math.log(value),
+                     "n": n, "ci_low": None, "ci_high": None})
+    return {"schema_version": 1, "cell_id": cell_id, "task": "ppl", "rows": rows,
+            "meta": {"wall_s": 12.0, "peak_mem_mb": 700.0, "threads": 1, "windows": {}}}
+
+
+def retrieval_eval(cell_id: str, task: str, reach: int) -> dict:
+    """Accuracy 1 up to `reach` tokens, then falling with length and depth."""
+    rows = []
+    for length in RETRIEVAL_LENGTHS:
+        for depth in DEPTHS:
+            acc = 1.0 if length <= reach else max(0.0, 1.0 - 0.25 * math.log2(length / reach) - 0.25 * depth)
+            rows.append({"eval_len": length, "depth": depth, "metric": "accuracy", "value": acc, "n": 4,
+                         "ci_low": max(0.0, acc - 0.3), "ci_high": min(1.0, acc + 0.3)})
+    return {"schema_version": 1, "cell_id": cell_id, "task": task, "rows": rows,
+            "meta": {"wall_s": 5.0, "peak_mem_mb": 650.0, "threads": 1}}
+
+
+def build_study(root: Path, name: str = "fixture", hostile: bool = False) -> Path:
+    """Write a fake results/<study>/ tree under root and return its path.
+
+    Cells: the frozen base (none-exact-256-frozen), pi-exact-512-ft, yarn-exact-1024-ft (all with
+    ppl/passkey/needle results) and ntk-exact-512-ft (cell.json and train log, no results). With
+    hostile=True the study name, a config value and one extra cell id carry HTML."""
+    study_dir = Path(root) / name
+    study_name = HOSTILE if hostile else name
+    manifest = {
+        "source": "stdlib", "description": "Python standard library source files",
+        "passkey_share": 0.15, "seeds": {"split": 1234},
+        "tokenizer": {"vocab_size": 4096},
+        "splits": {split: {"files": n, "tokens": n * 900, "file_list_sha256": f"{n:064x}",
+                           "text_sha256": f"{n * 7:064x}"}
+                   for split, n in (("train", 1800), ("validation", 95), ("test", 95))},
+        "files": {"train": [f"lib/mod{i}.py" for i in range(200)]},
+    }
+    config = {"study": {"name": study_name, "train_lens": [512, 1024]},
+              "model": {"base_window": BASE_WINDOW, "hidden_size": 128},
+              "eval": {"lengths": EVAL_LENGTHS}, "note": HOSTILE if hostile else "plain"}
+    _write(study_dir / "study.json", {
+        "name": study_name, "description": "A fixture study.", "base_window": BASE_WINDOW,
+        "train_lens": [512, 1024], "eval_lengths": EVAL_LENGTHS,
+        "model": {"architecture": "LlamaForCausalLM", "n_params": 1_412_352, "hidden_size": 128,
+                  "num_hidden_layers": 4, "num_attention_heads": 4, "vocab_size": 4096},
+        "data": manifest, "config": config, "code_version": "abc1234"})
+    _write(study_dir / "data" / "manifest.json", manifest)
+    _train_log(study_dir / "base" / "train_log.jsonl", 60, 8.0, 3.4)
+    _write(study_dir / "base" / "train_summary.json", _summary(60, 300.0))
+
+    cells = [("none-exact-256-frozen", "none", 256, "frozen", 256),
+             ("pi-exact-512-ft", "pi", 512, "finetuned", 512),
+             ("yarn-exact-1024-ft", "yarn", 1024, "finetuned", 1024),
+             (MISSING_CELL, "ntk", 512, "finetuned", None)]
+    if hostile:
+        cells.append((HOSTILE_CELL, "yarn", 512, "finetuned", 512))
+    for cell_id, rope, train_len, regime, reach in cells:
+        cell_dir = study_dir / "cells" / cell_id
+        extra = {"note": HOSTILE} if hostile else None
+        _write(cell_dir / "cell.json", _cell_record(study_name, cell_id, rope, "exact", train_len, regime, extra))
+        if regime == "finetuned":
+            _train_log(cell_dir / "train_log.jsonl", 30, 3.9, 3.1 + train_len / 4096)
+            _write(cell_dir / "train_summary.json", _summary(30, 80.0 + train_len / 10))
+        if reach is None:
+            continue
+        values = PPL.get(cell_id, PPL["yarn-exact-1024-ft"])
+        _write(cell_dir / "eval" / "ppl.json", ppl_eval(cell_id, values))
+        _write(cell_dir / "eval" / "passkey.json", retrieval_eval(cell_id, "passkey", reach))
+        _write(cell_dir / "eval" / "needle.json", retrieval_eval(cell_id, "needle", reach // 2))
+    return study_dir
+
+
+# Rows the store must hold for build_study(hostile=False).
+EXPECTED_COUNTS = {
+    "cells": 4,
+    "metrics": 3 * (2 * len(EVAL_LENGTHS) + 2 * len(RETRIEVAL_LENGTHS) * len(DEPTHS)),
+    "train_log": 60 + 3 * 30,
+}

@@ -1,0 +1,192 @@
+"""The store stage: schema, idempotent upsert, bad files skipped, crash safety, exports."""
+import json
+import subprocess
+import sys
+
+import duckdb
+import pytest
+from results_fixture import EXPECTED_COUNTS, MISSING_CELL, build_study
+
+from workflow import store
+
+TABLES = ("schema_info", "runs", "cells", "train_log", "metrics", "study")
+
+
+def snapshot(db, tables=TABLES) -> dict:
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return {t: con.execute(f"SELECT * FROM {t} ORDER BY ALL").fetchall() for t in tables}
+    finally:
+        con.close()
+
+
+def query(db, sql, params=()):
+    con = duckdb.connect(str(db), read_only=True)
+    try:
+        return con.execute(sql, list(params)).fetchall()
+    finally:
+        con.close()
+
+
+@pytest.fixture
+def study(tmp_path):
+    return build_study(tmp_path / "results")
+
+
+def test_ingest_creates_tables_with_expected_rows(study, tmp_path):
+    db = tmp_path / "metrics.duckdb"
+    counts = store.ingest(study, db, echo=False)
+    for table, n in EXPECTED_COUNTS.items():
+        assert counts[table] == n, table
+    assert counts["runs"] == 1 and counts["skipped"] == 0
+    assert query(db, "SELECT version FROM schema_info") == [(store.SCHEMA_VERSION,)]
+    status = dict(query(db, "SELECT cell_id, status FROM cells"))
+    assert status.pop(MISSING_CELL) == "missing results"
+    assert set(status.values()) == {"ok"}
+    assert query(db, "SELECT count(*) FROM train_log WHERE cell_id = 'base'") == [(60,)]
+    keys = {k for (k,) in query(db, "SELECT key FROM study")}
+    assert {"name", "base_window", "eval_lengths", "model", "data", "config", "code_version",
+            "manifest", "base_train", "total_compute_s"} <= keys
+    # pretraining 300 s + fine-tuning (131.2 + 131.2 + 182.4 s) + evaluation 3 cells x (12 + 5 + 5) s
+    total = json.loads(query(db, "SELECT value FROM study WHERE key = 'total_compute_s'")[0][0])
+    assert total == pytest.approx(300 + 131.2 * 2 + 182.4 + 3 * 22)
+    frozen = query(db, "SELECT train_wall_s, regime FROM cells WHERE cell_id = 'none-exact-256-frozen'")
+    assert frozen == [(None, "frozen")]
+    src = query(db, "SELECT DISTINCT source FROM metrics WHERE cell_id = 'pi-exact-512-ft' AND task = 'ppl'")
+    assert src == [("cells/pi-exact-512-ft/eval/ppl.json",)]
+
+
+def test_ingest_twice_gives_identical_rows(study, tmp_path):
+    db = tmp_path / "metrics.duckdb"
+    store.ingest(study, db, echo=False)
+    first = snapshot(db, ("cells", "train_log", "metrics"))
+    counts = store.ingest(study, db, echo=False)
+    assert snapshot(db, ("cells", "train_log", "metrics")) == first
+    assert counts["runs"] == 2
+    for table, n in EXPECTED_COUNTS.items():
+        assert counts[table] == n
+
+
+def test_rerun_replaces_changed_results(study, tmp_path):
+    db = tmp_path / "metrics.duckdb"
+    store.ingest(study, db, echo=False)
+    path = study / "cells" / "yarn-exact-1024-ft" / "eval" / "ppl.json"
+    obj = json.loads(path.read_text())
+    obj["rows"] = obj["rows"][:2]
+    path.write_text(json.dumps(obj))
+    store.ingest(study, db, echo=False)
+    rows = query(db, "SELECT eval_len, metric FROM metrics WHERE cell_id = 'yarn-exact-1024-ft' "
+                     "AND task = 'ppl' ORDER BY metric")
+    assert rows == [(128, "loss"), (128, "ppl")]
+
+
+def test_truncated_file_is_reported_and_old_rows_survive(study, tmp_path, capsys):
+    db = tmp_path / "metrics.duckdb"
+    store.ingest(study, db, echo=False)
+    before = snapshot(db, ("metrics", "train_log"))
+    cell = study / "cells" / "pi-exact-512-ft"
+    text = (cell / "eval" / "ppl.json").read_text()
+    (cell / "eval" / "ppl.json").write_text(text[: len(text) // 2])
+    log = (cell / "train_log.jsonl").read_text()
+    (cell / "train_log.jsonl").write_text(log[: len(log) // 2])
+    counts = store.ingest(study, db)
+    err = capsys.readouterr().err
+    assert counts["skipped"] == 2
+    assert "cells/pi-exact-512-ft/eval/ppl.json" in err and "invalid JSON" in err
+    assert "cells/pi-exact-512-ft/train_log.jsonl" in err
+    assert any("eval/ppl.json" in line for line in counts["skipped_files"])
+    assert snapshot(db, ("metrics", "train_log")) == before
+    assert query(db, "SELECT status FROM cells WHERE cell_id = 'pi-exact-512-ft'") == [("ok",)]
+
+
+def test_unknown_schema_version_and_missing_keys_are_skipped(study, tmp_path, capsys):
+    yarn = study / "cells" / "yarn-exact-1024-ft" / "eval"
+    obj = json.loads((yarn / "passkey.json").read_text())
+    obj["schema_version"] = 999
+    (yarn / "passkey.json").write_text(json.dumps(obj))
+    obj = json.loads((yarn / "needle.json").read_text())
+    del obj["rows"][3]["value"]
+    (yarn / "needle.json").write_text(json.dumps(obj))
+    db = tmp_path / "metrics.duckdb"
+    counts = store.ingest(study, db)
+    err = capsys.readouterr().err
+    assert counts["skipped"] == 2
+    assert "passkey.json: schema_version 999" in err
+    assert "needle.json: rows[3]: missing key(s) value" in err
+    tasks = query(db, "SELECT DISTINCT task FROM metrics WHERE cell_id = 'yarn-exact-1024-ft'")
+    assert tasks == [("ppl",)]
+
+
+def test_corrupt_cell_json_skips_the_cell(study, tmp_path, capsys):
+    (study / "cells" / "pi-exact-512-ft" / "cell.json").write_text("{not json")
+    counts = store.ingest(study, tmp_path / "metrics.duckdb")
+    assert "cells/pi-exact-512-ft/cell.json: invalid JSON" in capsys.readouterr().err
+    assert counts["cells"] == EXPECTED_COUNTS["cells"] - 1
+
+
+def test_failure_mid_ingest_leaves_db_as_it_was(study, tmp_path, monkeypatch):
+    db = tmp_path / "metrics.duckdb"
+    store.ingest(study, db, echo=False)
+    before = snapshot(db)
+    path = study / "cells" / "yarn-exact-1024-ft" / "eval" / "ppl.json"
+    obj = json.loads(path.read_text())
+    for row in obj["rows"]:
+        row["value"] *= 2
+    path.write_text(json.dumps(obj))
+    real, calls = store._write_metrics, []
+
+    def failing(*args, **kwargs):
+        calls.append(args[1:3])
+        if len(calls) == 5:
+            raise RuntimeError("disk on fire")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_write_metrics", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        store.ingest(study, db, echo=False)
+    assert len(calls) == 5
+    assert snapshot(db) == before
+
+
+def test_newer_schema_is_refused(study, tmp_path, capsys):
+    db = tmp_path / "metrics.duckdb"
+    store.ingest(study, db, echo=False)
+    con = duckdb.connect(str(db))
+    con.execute("UPDATE schema_info SET version = 99")
+    con.close()
+    before = snapshot(db)
+    with pytest.raises(store.StoreError, match="schema version 99"):
+        store.ingest(study, db, echo=False)
+    assert store.main(["--study-dir", str(study), "--db", str(db)]) == 2
+    assert "newer than this code's version" in capsys.readouterr().err
+    assert snapshot(db) == before
+
+
+def test_db_is_closed_after_ingest(study, tmp_path):
+    db = tmp_path / "metrics.duckdb"
+    store.ingest(study, db, echo=False)
+    code = ("import duckdb, sys; con = duckdb.connect(sys.argv[1]); "
+            "con.execute('INSERT INTO runs (run_id) VALUES (?)', ['other']); con.close()")
+    done = subprocess.run([sys.executable, "-c", code, str(db)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_exports_hold_every_metric_row(study, tmp_path):
+    counts = store.ingest(study, tmp_path / "metrics.duckdb", echo=False)
+    csv, parquet = study / "exports" / "metrics.csv", study / "exports" / "metrics.parquet"
+    assert csv.exists() and parquet.exists()
+    con = duckdb.connect()
+    assert con.execute(f"SELECT count(*) FROM read_csv('{csv}')").fetchone()[0] == counts["metrics"]
+    n, ropes = con.execute(f"SELECT count(*), count(DISTINCT rope) FROM read_parquet('{parquet}')").fetchone()
+    assert (n, ropes) == (counts["metrics"], 3)
+    assert not list((study / "exports").glob(".*tmp"))
+
+
+def test_cli_prints_summary(study, tmp_path, capsys):
+    db = tmp_path / "metrics.duckdb"
+    assert store.main(["--study-dir", str(study), "--db", str(db), "--run-id", "r1"]) == 0
+    out = capsys.readouterr().out
+    assert "run r1" in out and "missing results" in out and f"{EXPECTED_COUNTS['metrics']} rows" in out
+    (study / "cells" / "pi-exact-512-ft" / "eval" / "needle.json").write_text("[]")
+    assert store.main(["--study-dir", str(study), "--db", str(db), "--strict"]) == 1
+    assert query(db, "SELECT count(*) FROM runs") == [(2,)]

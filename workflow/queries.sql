@@ -1,0 +1,76 @@
+-- Every query of the report, one named section each ("-- name: <key>"). workflow/report.py runs
+-- them by name against metrics.duckdb opened read-only; `?` marks a bound parameter.
+
+-- name: schema_version
+SELECT max(version) AS version FROM schema_info;
+
+-- name: study
+SELECT key, value FROM study ORDER BY key;
+
+-- name: cells
+-- Frozen cells first (the unmodified base leads), then by training length and method.
+SELECT cell_id, study, rope, attention, train_len, regime, base_window, method_params, config_hash,
+       code_version, train_wall_s, train_tokens_per_s, train_peak_mem_mb, status
+FROM cells
+ORDER BY regime = 'finetuned', train_len, rope <> 'none', rope, attention, cell_id;
+
+-- name: length_values
+-- One value per (cell, eval_len) of a length-only metric (no depth), e.g. perplexity.
+SELECT cell_id, eval_len, value, n, ci_low, ci_high
+FROM metrics
+WHERE task = ? AND metric = ? AND depth IS NULL
+ORDER BY cell_id, eval_len;
+
+-- name: retrieval_tasks
+-- Tasks measured on a length x depth grid.
+SELECT DISTINCT task FROM metrics WHERE metric = ? AND depth IS NOT NULL ORDER BY task;
+
+-- name: retrieval_grid
+SELECT cell_id, eval_len, depth, value, n
+FROM metrics
+WHERE task = ? AND metric = ? AND depth IS NOT NULL
+ORDER BY cell_id, eval_len, depth;
+
+-- name: retrieval_by_length
+-- Mean over depths per (cell, eval_len), weighted by the samples behind each depth.
+SELECT cell_id, eval_len,
+       sum(value * coalesce(n, 1)) / sum(coalesce(n, 1)) AS value,
+       sum(n) AS n, NULL AS ci_low, NULL AS ci_high
+FROM metrics
+WHERE task = ? AND metric = ? AND depth IS NOT NULL
+GROUP BY cell_id, eval_len
+ORDER BY cell_id, eval_len;
+
+-- name: retrieval_mean
+-- Mean over all lengths and depths per cell.
+SELECT cell_id, sum(value * coalesce(n, 1)) / sum(coalesce(n, 1)) AS value
+FROM metrics
+WHERE task = ? AND metric = ? AND depth IS NOT NULL
+GROUP BY cell_id;
+
+-- name: tasks_per_cell
+SELECT cell_id, task FROM metrics GROUP BY cell_id, task ORDER BY cell_id, task;
+
+-- name: eval_wall
+-- Evaluation wall time per cell: each task file's wall time counted once.
+SELECT cell_id, sum(wall_s) AS eval_wall_s
+FROM (SELECT cell_id, task, max(wall_s) AS wall_s FROM metrics GROUP BY cell_id, task)
+GROUP BY cell_id;
+
+-- name: compute_totals
+SELECT coalesce((SELECT CAST(json_extract(value, '$.wall_s') AS DOUBLE) FROM study
+                 WHERE key = 'base_train'), 0) AS pretrain_s,
+       coalesce((SELECT sum(train_wall_s) FROM cells), 0) AS finetune_s,
+       coalesce((SELECT sum(wall_s) FROM (SELECT max(wall_s) AS wall_s FROM metrics
+                                          GROUP BY cell_id, task)), 0) AS eval_s;
+
+-- name: train_steps
+SELECT cell_id, count(*) AS steps, max(elapsed_s) AS elapsed_s FROM train_log GROUP BY cell_id;
+
+-- name: train_log
+SELECT cell_id, step, loss FROM train_log ORDER BY cell_id, step;
+
+-- name: runs
+SELECT run_id, study, strftime(started_at, '%Y-%m-%d %H:%M:%S') AS started_at, code_version, hardware
+FROM runs
+ORDER BY started_at, run_id;
