@@ -5,21 +5,20 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from workflow.evaluate import answers_correct, document_bounds, evaluate_ppl, ppl_windows, wilson
+from workflow.evaluate import answers_correct, document_bounds, evaluate_ppl, ppl_spans, wilson
 
 
-def test_windows_stay_inside_documents_when_possible():
+def test_spans_stay_inside_documents_when_possible():
     eos = 0
-    docs = [np.arange(1, 301), np.arange(1, 51), np.arange(1, 901)]
+    docs = [np.arange(1, 301), np.arange(1, 51), np.arange(1, 901), np.arange(1, 401)]
     tokens = np.concatenate([np.concatenate([d, [eos]]) for d in docs]).astype(np.uint16)
     bounds = document_bounds(tokens, eos)
-    assert [e - s for s, e in bounds] == [300, 50, 900]
-    starts, crossing = ppl_windows(tokens, eos, 100, 5, seed=0)
-    assert crossing == 0 and len(starts) == 5
-    for s in starts:
-        assert eos not in tokens[s:s + 100]
-    assert ppl_windows(tokens, eos, 100, 5, seed=0) == (starts, 0)
-    starts, crossing = ppl_windows(tokens, eos, 800, 3, seed=0)   # only one document is long enough
+    assert [e - s for s, e in bounds] == [300, 50, 900, 400]
+    starts, crossing = ppl_spans(tokens, eos, 300, 3, seed=0)
+    assert crossing == 0 and len(starts) == 3
+    assert set(starts) == {s for s, e in bounds if e - s >= 300}
+    assert ppl_spans(tokens, eos, 300, 3, seed=0) == (starts, 0)
+    starts, crossing = ppl_spans(tokens, eos, 800, 3, seed=0)   # only one document is long enough
     assert len(starts) == 3 and crossing == 2
 
 
@@ -44,15 +43,19 @@ def test_retrieval_scoring_matches_greedy_decoding():
     assert answers_correct(model, samples) == [True, False]
 
 
-def test_ppl_matches_the_model_loss():
+def test_ppl_scores_the_same_tokens_at_every_length_and_matches_the_model_loss():
     model = _model()
     tokens = np.random.default_rng(0).integers(1, 50, size=400).astype(np.uint16)
-    cfg = {"lengths": [32], "ppl": {"tokens_per_length": 64, "min_windows": 2, "seed": 0}, "batch_tokens": 64}
+    tokens[[130, 260]] = 0   # three documents: 130, 129 and 139 tokens
+    cfg = {"lengths": [32, 128], "ppl": {"documents": 2, "seed": 0}, "batch_tokens": 64}
     rows, meta = evaluate_ppl(model, tokens, 0, cfg)
-    ppl = next(r for r in rows if r["metric"] == "ppl")
-    starts, _ = ppl_windows(tokens, 0, 32, 2, 0)
-    batch = torch.tensor(np.stack([tokens[s:s + 32] for s in starts]).astype(np.int64))
-    with torch.no_grad():
-        expected = model(input_ids=batch, labels=batch).loss.item()
-    assert math.isclose(ppl["value"], math.exp(expected), rel_tol=1e-5)
-    assert ppl["n"] == 2 * 31 and meta["windows"]["32"]["windows"] == 2
+    assert meta == {"spans": 2, "span_tokens": 128, "cross_document_spans": 0}
+    spans, _ = ppl_spans(tokens, 0, 128, 2, 0)
+    for length in (32, 128):
+        ppl = next(r for r in rows if r["metric"] == "ppl" and r["eval_len"] == length)
+        batch = torch.tensor(np.stack([tokens[s + k:s + k + length] for s in spans
+                                       for k in range(0, 128, length)]).astype(np.int64))
+        with torch.no_grad():
+            expected = model(input_ids=batch, labels=batch).loss.item()
+        assert math.isclose(ppl["value"], math.exp(expected), rel_tol=1e-5)
+        assert ppl["n"] == 2 * (128 // length) * (length - 1)

@@ -6,15 +6,13 @@ import an existing Hugging Face checkpoint directory. Saves `<out>/model` with s
 """
 from __future__ import annotations
 
-import argparse
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from workflow.batches import pretrain_batches
-from workflow.common import log, read_json, set_threads, write_json
-from workflow.modeling import build_scratch_model, describe, load_model
+from workflow.common import stage_parser, log, read_json, set_threads, write_json
+from workflow.modeling import build_scratch_model, describe, load_model, save_model_dir
 from workflow.retrieval import PasskeyMixer
 from workflow.train import remove_checkpoint, train
 
@@ -36,10 +34,7 @@ def build_base(cfg: dict, data_dir: Path, out: Path) -> dict:
         mixer = PasskeyMixer(tokenizer, seed=pre["seed"], share=cfg["data"]["passkey_share"])
         batches = pretrain_batches(tokens, model_cfg["base_window"], pre["batch_size"], pre["seed"], mixer)
         summary = {"source": "scratch", **train(model, batches, pre, out, label="pretrain")}
-    model_dir = out / "model"
-    shutil.rmtree(model_dir, ignore_errors=True)
-    model.save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
+    save_model_dir(model, tokenizer, out / "model")
     remove_checkpoint(out)
     info = {**describe(model), **summary}
     write_json(out / "model_info.json", info)
@@ -47,11 +42,7 @@ def build_base(cfg: dict, data_dir: Path, out: Path) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="the base stage's resolved config (JSON)")
-    parser.add_argument("--data-dir", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--threads", type=int, default=1)
+    parser = stage_parser(__doc__, "the base stage's directory")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     build_base(read_json(args.config), args.data_dir, args.out)

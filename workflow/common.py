@@ -1,6 +1,7 @@
 """Small helpers shared by the stage modules: JSON files written atomically, threads, memory, logging."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -61,3 +62,13 @@ def hardware() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__})"
     return f"CPU {platform.machine()} x{os.cpu_count()} (torch {torch.__version__})"
+
+
+def stage_parser(doc: str, out_help: str) -> argparse.ArgumentParser:
+    """The command line shared by the model stages (base, finetune, evaluate); stages add their own."""
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    parser.add_argument("--config", required=True, help="the job's resolved config (JSON file)")
+    parser.add_argument("--data-dir", required=True, type=Path, help="the study's data directory")
+    parser.add_argument("--out", required=True, type=Path, help=out_help)
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+    return parser

@@ -56,11 +56,10 @@ def validate(cfg: dict) -> None:
         path = model.get("path")
         if not path or not (Path(path) / "config.json").is_file():
             raise ConfigError(f"model.path={path!r} is not a Hugging Face checkpoint directory (no config.json)")
-    for key in ("lengths",):
-        if not isinstance(ev[key], list) or not ev[key]:
-            raise ConfigError(f"eval.{key} must be a non-empty list, got {ev[key]!r}")
-        for i, n in enumerate(ev[key]):
-            _positive_int(n, f"eval.{key}[{i}]")
+    if not isinstance(ev["lengths"], list) or not ev["lengths"]:
+        raise ConfigError(f"eval.lengths must be a non-empty list, got {ev['lengths']!r}")
+    for i, n in enumerate(ev["lengths"]):
+        _positive_int(n, f"eval.lengths[{i}]")
     for i, n in enumerate(ev["retrieval"]["lengths"]):
         _positive_int(n, f"eval.retrieval.lengths[{i}]")
     for i, d in enumerate(ev["retrieval"]["depths"]):

@@ -202,7 +202,9 @@ def _tokenizers_parallel():
 
 def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int, train_bytes: int | None):
     """A byte-level BPE tokenizer (no automatic BOS) trained on the texts, read in order up to
-    `train_bytes` UTF-8 bytes; returned as a PreTrainedTokenizerFast, with the bytes and documents used."""
+    `train_bytes` UTF-8 bytes; returned as a PreTrainedTokenizerFast, with the bytes and documents used.
+    Digits are split into single tokens, as LLaMA's tokenizer does, so a number is copied digit by
+    digit (passkeys and needles then have one regular tokenization wherever they appear)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -217,7 +219,8 @@ def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int, train
         sample.append(text)
         used += len(data)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=int(vocab_size), min_frequency=int(min_frequency),
                                   special_tokens=list(SPECIAL_TOKENS.values()),

@@ -1,8 +1,9 @@
 """Evaluate stage: score one cell on every task of the study and write one JSON file of tidy rows per
 task (`<cell>/eval/<task>.json`).
 
-- ppl: perplexity at every evaluation length on fixed windows cut from held-out test documents, the
-  loss averaged over all tokens of each window (LCEG's protocol); the same windows for every cell.
+- ppl: perplexity at every evaluation length on the same held-out tokens (fixed document spans of
+  the longest length, cut into windows of each length), the loss averaged over all tokens of each
+  window (LCEG's protocol); the same spans for every cell.
 - passkey, needle: retrieval accuracy on the data stage's length x depth grids. A sample counts as
   correct when the model's argmax at every answer position is the answer token, which is exactly
   greedy decoding's exact match, computed in one forward pass.
@@ -12,7 +13,6 @@ task (`<cell>/eval/<task>.json`).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from workflow.common import log, peak_memory_mb, read_json, set_threads, write_json
+from workflow.common import stage_parser, log, peak_memory_mb, read_json, set_threads, write_json
 from workflow.modeling import apply_cell_method, load_model
 
 SCHEMA_VERSION = 1
@@ -38,19 +38,20 @@ def document_bounds(tokens: np.ndarray, eos_id: int) -> list[tuple[int, int]]:
     return [(int(s), int(e)) for s, e in zip(starts, ends) if e > s]
 
 
-def ppl_windows(tokens: np.ndarray, eos_id: int, length: int, n_windows: int, seed: int) -> tuple[list[int], int]:
-    """Start offsets of `n_windows` windows of `length` tokens. Windows lie inside single documents
-    (non-overlapping, seeded choice) where enough documents are long enough; the rest are cut from
-    the concatenated stream and counted as crossing document boundaries."""
-    inside = [s for start, end in document_bounds(tokens, eos_id) for s in range(start, end - length + 1, length)]
-    rng = np.random.default_rng([seed, length])
-    if len(inside) >= n_windows:
-        return sorted(int(s) for s in rng.choice(inside, size=n_windows, replace=False)), 0
-    limit = len(tokens) - length
+def ppl_spans(tokens: np.ndarray, eos_id: int, span: int, n_spans: int, seed: int) -> tuple[list[int], int]:
+    """Start offsets of `n_spans` spans of `span` tokens (the longest evaluation length), one per test
+    document long enough to hold it (seeded choice, each span at its document's start). When fewer
+    documents are that long, the remaining spans are cut from the concatenated stream (several
+    documents joined by EOS) and counted as crossing document boundaries."""
+    docs = [start for start, end in document_bounds(tokens, eos_id) if end - start >= span]
+    rng = np.random.default_rng([seed, span])
+    if len(docs) >= n_spans:
+        return sorted(int(s) for s in rng.choice(docs, size=n_spans, replace=False)), 0
+    limit = len(tokens) - span
     if limit < 0:
-        raise ValueError(f"the test split has {len(tokens)} tokens, fewer than one window of {length}")
-    extra = sorted(int(s) for s in rng.integers(0, limit + 1, size=n_windows - len(inside)))
-    return sorted(inside) + extra, len(extra)
+        raise ValueError(f"the test split has {len(tokens)} tokens, fewer than one span of {span}")
+    extra = sorted(int(s) for s in rng.integers(0, limit + 1, size=n_spans - len(docs)))
+    return sorted(docs) + extra, len(extra)
 
 
 @torch.no_grad()
@@ -67,24 +68,29 @@ def _batches(items: list, length: int, batch_tokens: int):
 
 
 def evaluate_ppl(model, tokens: np.ndarray, eos_id: int, cfg: dict) -> tuple[list[dict], dict]:
-    ppl_cfg, rows, windows_meta = cfg["ppl"], [], {}
-    for length in tqdm(cfg["lengths"], desc="ppl", mininterval=5.0):
-        n = max(ppl_cfg["min_windows"], ppl_cfg["tokens_per_length"] // length)
-        starts, crossing = ppl_windows(tokens, eos_id, length, n, ppl_cfg["seed"])
-        window_losses = []
+    """Perplexity at every evaluation length on the same tokens: fixed spans of the longest length,
+    each cut into consecutive windows of the evaluated length; the loss is averaged over all tokens
+    of every window (LCEG). Lengths then differ only in how much context each token gets. The
+    interval is a 95% t-interval over spans (documents), on the loss scale."""
+    lengths, ppl_cfg = cfg["lengths"], cfg["ppl"]
+    span = max(lengths)
+    spans, crossing = ppl_spans(tokens, eos_id, span, ppl_cfg["documents"], ppl_cfg["seed"])
+    rows = []
+    for length in tqdm(lengths, desc="ppl", mininterval=5.0):
+        starts = [s + k * length for s in spans for k in range(span // length)]
+        per_window = []
         for chunk in _batches(starts, length, cfg["batch_tokens"]):
             batch = torch.from_numpy(np.stack([tokens[s:s + length] for s in chunk]).astype(np.int64))
-            window_losses.extend(token_losses(model, batch).mean(dim=1).tolist())
-        losses = np.array(window_losses)
-        mean = float(losses.mean())
-        half = 1.96 * float(losses.std(ddof=1)) / math.sqrt(len(losses)) if len(losses) > 1 else float("nan")
+            per_window.extend(token_losses(model, batch).mean(dim=1).tolist())
+        per_span = np.array(per_window).reshape(len(spans), -1).mean(axis=1)
+        mean = float(per_span.mean())
+        half = 1.96 * float(per_span.std(ddof=1)) / math.sqrt(len(spans)) if len(spans) > 1 else float("nan")
         scored = len(starts) * (length - 1)
         rows.append({"eval_len": length, "depth": None, "metric": "ppl", "value": math.exp(mean), "n": scored,
                      "ci_low": math.exp(mean - half), "ci_high": math.exp(mean + half)})
         rows.append({"eval_len": length, "depth": None, "metric": "loss", "value": mean, "n": scored,
                      "ci_low": mean - half, "ci_high": mean + half})
-        windows_meta[str(length)] = {"windows": len(starts), "cross_document": crossing}
-    return rows, {"windows": windows_meta}
+    return rows, {"spans": len(spans), "span_tokens": span, "cross_document_spans": crossing}
 
 
 def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -162,12 +168,8 @@ def evaluate_cell(cfg: dict, data_dir: Path, model_dir: Path, out_dir: Path, tas
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="the cell's evaluate config (JSON)")
-    parser.add_argument("--data-dir", required=True, type=Path)
+    parser = stage_parser(__doc__, "the cell's eval directory")
     parser.add_argument("--model", required=True, type=Path, help="fine-tuned cell model, or the base model")
-    parser.add_argument("--out", required=True, type=Path, help="the cell's eval directory")
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     set_threads(args.threads)
     evaluate_cell(read_json(args.config), args.data_dir, args.model, args.out)

@@ -7,15 +7,13 @@
 """
 from __future__ import annotations
 
-import argparse
-import shutil
 from pathlib import Path
 
 import numpy as np
 
 from workflow.batches import finetune_batches
-from workflow.common import read_json, set_threads, write_json
-from workflow.modeling import apply_cell_method, load_model
+from workflow.common import stage_parser, read_json, set_threads, write_json
+from workflow.modeling import apply_cell_method, load_model, save_model_dir
 from workflow.retrieval import PasskeyMixer
 from workflow.train import remove_checkpoint, train
 
@@ -30,22 +28,15 @@ def finetune_cell(cfg: dict, data_dir: Path, base_dir: Path, out: Path) -> dict:
     mixer = PasskeyMixer(tokenizer, seed=ft["seed"], share=cfg["base"]["data"]["passkey_share"])
     batches = finetune_batches(tokens, cfg["train_len"], ft["tokens_per_step"], mixer)
     summary = train(model, batches, ft, out, label=f"finetune {cfg['cell_id']}")
-    model_dir = out / "model"
-    shutil.rmtree(model_dir, ignore_errors=True)
-    model.save_pretrained(model_dir, safe_serialization=True)
-    tokenizer.save_pretrained(model_dir)
+    save_model_dir(model, tokenizer, out / "model")
     remove_checkpoint(out)
     write_json(out / "finetune_config.json", cfg)
     return summary
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="the cell's fine-tune config (JSON)")
-    parser.add_argument("--data-dir", required=True, type=Path)
+    parser = stage_parser(__doc__, "the cell's directory")
     parser.add_argument("--base", required=True, type=Path, help="the base model directory")
-    parser.add_argument("--out", required=True, type=Path, help="the cell's directory")
-    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     set_threads(args.threads)
     finetune_cell(read_json(args.config), args.data_dir, args.base, args.out)

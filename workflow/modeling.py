@@ -59,6 +59,17 @@ def apply_cell_method(model, cell: dict):
     return model
 
 
+def save_model_dir(model, tokenizer, model_dir: str | Path) -> Path:
+    """Save a model (safetensors) with its tokenizer as a self-contained Hugging Face directory."""
+    import shutil
+
+    model_dir = Path(model_dir)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
