@@ -8,28 +8,47 @@
 from __future__ import annotations
 
 from . import dynamic_ntk, none, ntk, pi, yarn
+from .attention import EXACT, AttentionMethod
 from .rope import REGIMES, RopeMethod
 
 METHODS: dict[str, RopeMethod] = {m.METHOD.name: m.METHOD for m in (none, pi, ntk, dynamic_ntk, yarn)}
 
 # Attention kinds a cell may combine with a RoPE method ("exact": the model's own full attention).
-ATTENTIONS: tuple[str, ...] = ("exact",)
+ATTENTION_METHODS: dict[str, AttentionMethod] = {m.name: m for m in (EXACT,)}
+ATTENTIONS: tuple[str, ...] = tuple(ATTENTION_METHODS)
 
 
-def get_method(name: str) -> RopeMethod:
-    """The registered method called `name`; ValueError listing the valid names otherwise."""
+def get_method(name: str) -> RopeMethod | AttentionMethod:
+    """The registered RoPE method or attention kind called `name`; ValueError listing the valid names otherwise."""
     try:
         return METHODS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown method {name!r}; valid: {', '.join(METHODS)}") from None
+        pass
+    try:
+        return ATTENTION_METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown method {name!r}; valid: {', '.join([*METHODS, *ATTENTION_METHODS])}") from None
+
+
+def get_attention(name: str) -> AttentionMethod:
+    """The registered attention kind called `name`; ValueError listing the valid names otherwise."""
+    try:
+        return ATTENTION_METHODS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown attention {name!r}; valid: {', '.join(ATTENTION_METHODS)}") from None
 
 
 def restore(model):
-    """Re-install the runtime hooks of the method recorded in `model.config.ctxext` (no-op without it)."""
+    """Re-install the runtime hooks of the RoPE method recorded in `model.config.ctxext` and of the attention
+    kind recorded in `model.config.ctxext_attention` (no-op without them)."""
     record = getattr(model.config, "ctxext", None)
     if record:
-        get_method(record["rope"]).install_hooks(model)
+        METHODS[record["rope"]].install_hooks(model)
+    attention = getattr(model.config, "ctxext_attention", None)
+    if attention:
+        get_attention(attention["attention"]).install_hooks(model)
     return model
 
 
-__all__ = ["ATTENTIONS", "METHODS", "REGIMES", "RopeMethod", "get_method", "restore"]
+__all__ = ["ATTENTIONS", "ATTENTION_METHODS", "AttentionMethod", "METHODS", "REGIMES", "RopeMethod",
+           "get_attention", "get_method", "restore"]

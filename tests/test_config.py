@@ -95,3 +95,14 @@ def test_dry_run_fails_early_on_bad_config(tmp_path):
                    "train_len: 512}]\"]")
     assert run.returncode != 0
     assert "rope='nope' is not a known method" in run.stdout + run.stderr
+
+
+def test_attention_params_are_validated_against_the_attention_kind():
+    cfg = compose("micro")
+    cfg["grid"] = [{"rope": "none", "attention": "exact", "regime": "frozen", "train_len": "base",
+                    "attention_params": {"n_local": 8}}]
+    with pytest.raises(ConfigError, match=r"grid\[0\].*attention 'exact'.*unknown parameter"):
+        expand_grid(cfg)
+    cfg["grid"][0]["attention"] = "window"
+    with pytest.raises(ConfigError, match="valid: exact"):
+        expand_grid(cfg)

@@ -377,3 +377,18 @@ def test_verify_rotary_can_fail():
 def test_package_exports():
     assert set(methods.__all__) >= {"METHODS", "get_method", "restore"}
     assert methods.ATTENTIONS == ("exact",)
+
+
+def test_attention_axis_registry_and_exact_is_a_no_op(tmp_path):
+    from methods import get_attention
+
+    assert get_method("exact") is get_attention("exact")
+    with pytest.raises(ValueError, match="valid: exact"):
+        get_attention("sparse")
+    model = tiny_model()
+    before = model(input_ids=torch.arange(8)[None]).logits
+    get_attention("exact").apply(model, 16, 64, "frozen")
+    assert not getattr(model.config, "ctxext_attention", None)
+    assert torch.equal(model(input_ids=torch.arange(8)[None]).logits, before)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        get_attention("exact").resolve(16, 64, "frozen", n_local=4)

@@ -89,9 +89,10 @@ def expand_grid(cfg: dict) -> list[dict]:
     cells, seen = [], {}
     for index, entry in enumerate(cfg["grid"]):
         where = f"grid[{index}]"
-        unknown = set(entry) - set(AXES) - {"params"}
+        unknown = set(entry) - set(AXES) - {"params", "attention_params"}
         if unknown:
-            raise ConfigError(f"{where} has unknown key(s) {sorted(unknown)}; valid: {', '.join(AXES)}, params")
+            raise ConfigError(f"{where} has unknown key(s) {sorted(unknown)}; valid: {', '.join(AXES)}, params, "
+                              "attention_params")
         missing = [a for a in AXES if a not in entry]
         if missing:
             raise ConfigError(f"{where} is missing axis/axes {missing}")
@@ -121,8 +122,11 @@ def expand_grid(cfg: dict) -> list[dict]:
                 raise ConfigError(f"{where} repeats cell {cid} (first defined in grid[{seen[cid]}])")
             seen[cid] = index
             params = _method_params(cfg, rope, base_window, train_len, regime, entry.get("params") or {}, where)
+            attention_params = _attention_params(cfg, attention, base_window, train_len, regime,
+                                                 entry.get("attention_params") or {}, where)
             cells.append({"cell_id": cid, "rope": rope, "attention": attention, "train_len": train_len,
-                          "regime": regime, "base_window": base_window, "method_params": params})
+                          "regime": regime, "base_window": base_window, "method_params": params,
+                          "attention_params": attention_params})
     if not cells:
         raise ConfigError("the grid is empty")
     return cells
@@ -143,6 +147,18 @@ def _method_params(cfg, rope, base_window, train_len, regime, entry_params, wher
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: invalid parameters {params} for method {rope!r}: {exc}") from exc
     return params
+
+
+def _attention_params(cfg, attention, base_window, train_len, regime, entry_params, where) -> dict:
+    """The attention kind's resolved parameters: its own defaults < config/method < grid entry attention_params."""
+    from methods import get_attention
+
+    overrides = {**(cfg.get("method", {}).get(attention) or {}), **entry_params}
+    try:
+        return get_attention(attention).resolve(base_window, train_len, regime, **overrides)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: invalid attention {attention!r} for this cell ({regime}, train_len "
+                          f"{train_len}): {exc}") from exc
 
 
 def stage_config(cfg: dict, cell: dict | None = None, stage: str = "cell") -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from methods import get_method, restore
+from methods import get_attention, get_method, restore
 from workflow.common import log
 
 
@@ -56,6 +56,11 @@ def apply_cell_method(model, cell: dict):
                          **cell["method_params"])
     log(f"applied {cell['rope']} (window {cell['base_window']} -> {cell['train_len']}, "
         f"params {cell['method_params']})")
+    attention = cell.get("attention", "exact")
+    if attention != "exact":
+        model = get_attention(attention).apply(model, cell["base_window"], cell["train_len"], cell["regime"],
+                                               **cell.get("attention_params", {}))
+        log(f"attention {attention} (params {cell.get('attention_params', {})})")
     return model
 
 
