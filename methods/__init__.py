@@ -7,14 +7,14 @@
 """
 from __future__ import annotations
 
-from . import dynamic_ntk, none, ntk, pi, yarn
+from . import dynamic_ntk, landmark, none, ntk, pi, yarn
 from .attention import EXACT, AttentionMethod
 from .rope import REGIMES, RopeMethod
 
 METHODS: dict[str, RopeMethod] = {m.METHOD.name: m.METHOD for m in (none, pi, ntk, dynamic_ntk, yarn)}
 
 # Attention kinds a cell may combine with a RoPE method ("exact": the model's own full attention).
-ATTENTION_METHODS: dict[str, AttentionMethod] = {m.name: m for m in (EXACT,)}
+ATTENTION_METHODS: dict[str, AttentionMethod] = {m.name: m for m in (EXACT, landmark.METHOD)}
 ATTENTIONS: tuple[str, ...] = tuple(ATTENTION_METHODS)
 
 
@@ -38,6 +38,12 @@ def get_attention(name: str) -> AttentionMethod:
         raise ValueError(f"unknown attention {name!r}; valid: {', '.join(ATTENTION_METHODS)}") from None
 
 
+def attention_of(model) -> AttentionMethod:
+    """The attention kind recorded in `model.config.ctxext_attention` (exact attention when none is)."""
+    record = getattr(model.config, "ctxext_attention", None)
+    return get_attention(record["attention"]) if record else EXACT
+
+
 def restore(model):
     """Re-install the runtime hooks of the RoPE method recorded in `model.config.ctxext` and of the attention
     kind recorded in `model.config.ctxext_attention` (no-op without them)."""
@@ -50,5 +56,5 @@ def restore(model):
     return model
 
 
-__all__ = ["ATTENTIONS", "ATTENTION_METHODS", "AttentionMethod", "METHODS", "REGIMES", "RopeMethod",
+__all__ = ["ATTENTIONS", "attention_of", "ATTENTION_METHODS", "AttentionMethod", "METHODS", "REGIMES", "RopeMethod",
            "get_attention", "get_method", "restore"]

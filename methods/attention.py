@@ -58,6 +58,15 @@ class AttentionMethod:
         """(Re-)install what the attention kind needs at run time from `model.config.ctxext_attention`;
         must be idempotent."""
 
+    # --- inputs and outputs (kinds that change the token sequence, e.g. Landmark, override these) ------------
+    def training_inputs(self, model, batch):
+        """The keyword inputs of one training step on `batch` [rows, T] of regular tokens (its loss is `.loss`)."""
+        return {"input_ids": batch, "labels": batch}
+
+    def logits(self, model, input_ids):
+        """Next-token logits [rows, T, vocab] at every regular token of `input_ids` [rows, T]."""
+        return model(input_ids=input_ids).logits
+
 
 class ExactAttention(AttentionMethod):
     name = "exact"
