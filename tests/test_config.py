@@ -11,20 +11,21 @@ TINY_CELLS = {
     "none-exact-256-frozen",
     *(f"{m}-exact-{n}-ft" for m in ("pi", "ntk", "dynamic_ntk", "yarn") for n in (512, 1024)),
     *(f"{m}-exact-1024-frozen" for m in ("ntk", "dynamic_ntk", "yarn")),
+    "none-landmark-256-ft",
 }
 
 
 def test_tiny_grid_is_exactly_the_configured_cells():
     cells = expand_grid(compose("tiny"))
     assert {c["cell_id"] for c in cells} == TINY_CELLS
-    assert len(cells) == 12
+    assert len(cells) == 13
 
 
 def test_micro_has_the_same_grid_shape():
     cfg = compose("micro")
     cells = expand_grid(cfg)
     base = cfg["model"]["base_window"]
-    assert len(cells) == 12
+    assert len(cells) == 13
     assert {c["cell_id"] for c in cells} == {
         c.replace("-256-", f"-{base}-").replace("-512-", "-128-").replace("-1024-", "-256-") for c in TINY_CELLS}
 
@@ -39,6 +40,25 @@ def test_method_params_are_resolved_per_regime():
     assert cells["dynamic_ntk-exact-1024-frozen"]["method_params"]["factor"] == 2
     assert cells["dynamic_ntk-exact-1024-ft"]["method_params"]["factor"] == 2   # ceil(4 / 2)
     assert cells["yarn-exact-512-ft"]["method_params"]["beta_fast"] == 32
+
+
+def test_landmark_cell_is_fine_tuned_at_the_base_window_with_study_block_size():
+    for study, mem_freq in (("tiny", 31), ("micro", 7)):
+        cfg = compose(study)
+        base = cfg["model"]["base_window"]
+        cell = {c["cell_id"]: c for c in expand_grid(cfg)}[f"none-landmark-{base}-ft"]
+        assert (cell["rope"], cell["attention"], cell["regime"], cell["train_len"]) == (
+            "none", "landmark", "finetuned", base)
+        assert cell["attention_params"] == {"mem_freq": mem_freq, "top_k": 5, "train_context": base}
+
+
+def test_bad_landmark_parameters_stop_before_compute():
+    cfg = compose("tiny", ["method.landmark.mem_freq=63"])   # (5 + 2) blocks of 64 do not fit 256
+    with pytest.raises(ConfigError, match="mem_freq"):
+        expand_grid(cfg)
+    cfg = compose("tiny", ["grid=[{rope: none, attention: landmark, regime: frozen, train_len: base}]"])
+    with pytest.raises(ConfigError, match="regime"):
+        expand_grid(cfg)
 
 
 def test_cell_record_has_config_and_hash():
@@ -87,7 +107,7 @@ def test_dry_run_lists_every_cell(tmp_path):
     out = run.stdout + run.stderr
     for cid in TINY_CELLS:
         assert f"cell={cid}" in out or f"finetuned_cell={cid}" in out, cid
-    assert out.count("rule finetune:") == 8 and out.count("rule evaluate:") == 12
+    assert out.count("rule finetune:") == 9 and out.count("rule evaluate:") == 13
 
 
 def test_dry_run_fails_early_on_bad_config(tmp_path):

@@ -376,7 +376,7 @@ def test_verify_rotary_can_fail():
 
 def test_package_exports():
     assert set(methods.__all__) >= {"METHODS", "get_method", "restore"}
-    assert methods.ATTENTIONS == ("exact",)
+    assert methods.ATTENTIONS[0] == "exact" and "landmark" in methods.ATTENTIONS
 
 
 def test_attention_axis_registry_and_exact_is_a_no_op(tmp_path):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from methods import attention_of
 from workflow.common import stage_parser, log, peak_memory_mb, read_json, set_threads, write_json
 from workflow.modeling import apply_cell_method, load_model
 
@@ -57,7 +58,7 @@ def ppl_spans(tokens: np.ndarray, eos_id: int, span: int, n_spans: int, seed: in
 @torch.no_grad()
 def token_losses(model, batch: torch.Tensor) -> torch.Tensor:
     """Next-token negative log-likelihood at every position but the last: [B, T-1]."""
-    logits = model(input_ids=batch).logits.float()
+    logits = attention_of(model).logits(model, batch).float()
     return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")
 
 
@@ -107,7 +108,7 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
 def answers_correct(model, samples: list[dict]) -> list[bool]:
     """For same-length samples: is the argmax at every answer position the answer token?"""
     batch = torch.tensor([s["input_ids"] + s["answer_ids"] for s in samples], dtype=torch.long)
-    logits = model(input_ids=batch).logits
+    logits = attention_of(model).logits(model, batch)
     out = []
     for row, s in zip(range(len(samples)), samples):
         start = len(s["input_ids"])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from methods import attention_of
 from workflow.batches import finetune_batches
 from workflow.common import stage_parser, read_json, set_threads, write_json
 from workflow.modeling import apply_cell_method, load_model, save_model_dir
@@ -27,7 +28,9 @@ def finetune_cell(cfg: dict, data_dir: Path, base_dir: Path, out: Path) -> dict:
     tokens = np.load(data_dir / "train.npy", mmap_mode="r")
     mixer = PasskeyMixer(tokenizer, seed=ft["seed"], share=cfg["base"]["data"]["passkey_share"])
     batches = finetune_batches(tokens, cfg["train_len"], ft["tokens_per_step"], mixer)
-    summary = train(model, batches, ft, out, label=f"finetune {cfg['cell_id']}")
+    attention = attention_of(model)  # e.g. Landmark inserts its tokens and keeps them out of the loss
+    summary = train(model, batches, ft, out, label=f"finetune {cfg['cell_id']}",
+                    inputs_fn=lambda batch: attention.training_inputs(model, batch))
     save_model_dir(model, tokenizer, out / "model")
     remove_checkpoint(out)
     write_json(out / "finetune_config.json", cfg)

@@ -78,10 +78,13 @@ def _truncate_log(log_path: Path, last_step: int) -> None:
     log_path.write_text("".join(k + "\n" for k in kept))
 
 
-def train(model, batch_fn: Callable[[int], torch.Tensor], cfg: dict, work_dir: Path, label: str) -> dict:
+def train(model, batch_fn: Callable[[int], torch.Tensor], cfg: dict, work_dir: Path, label: str,
+          inputs_fn: Callable[[torch.Tensor], dict] | None = None) -> dict:
     """Train `model` in place for cfg['steps'] steps. Writes work_dir/train_log.jsonl and a checkpoint
     under work_dir/ckpt every cfg['checkpoint_every'] steps; resumes from it if present. Returns the
-    summary (also written to work_dir/train_summary.json)."""
+    summary (also written to work_dir/train_summary.json). `inputs_fn` turns a batch of token ids into
+    the model's keyword inputs (default: input_ids = labels = the batch); an attention kind may insert
+    tokens or mask labels (Landmark)."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir, log_path = work_dir / "ckpt", work_dir / "train_log.jsonl"
@@ -105,7 +108,8 @@ def train(model, batch_fn: Callable[[int], torch.Tensor], cfg: dict, work_dir: P
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = batch_fn(step)
-            loss = model(input_ids=batch, labels=batch).loss
+            inputs = inputs_fn(batch) if inputs_fn is not None else {"input_ids": batch, "labels": batch}
+            loss = model(**inputs).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{label}: loss became {loss.item()} at step {step + 1}; stopping")
             loss.backward()
