@@ -91,16 +91,17 @@ def grouped_logits(scores: torch.Tensor, block_size: int) -> torch.Tensor:
     pad = n_blocks * block_size - k_len
     padded = torch.nn.functional.pad(scores, (0, pad), value=NEG_INF) if pad else scores
     blocks = padded.unflatten(-1, (n_blocks, block_size))                       # [..., Q, nb, B]
-    earlier = earlier_block_logits(blocks)
     device = scores.device
     query = torch.arange(q_len, device=device)
     key = torch.arange(n_blocks * block_size, device=device).view(n_blocks, block_size)
     query_block = (query // block_size)[:, None, None]                          # [Q, 1, 1]
     key_block = (key // block_size)[None]                                       # [1, nb, B]
-    is_earlier = key_block < query_block
-    is_current = (key_block == query_block) & (key[None] <= query[:, None, None]) & \
-                 ((key % block_size) != block_size - 1)[None]
-    out = torch.where(is_earlier, earlier, torch.where(is_current, blocks, torch.full_like(blocks, NEG_INF)))
+    regular = ((key % block_size) != block_size - 1)[None]
+    earlier = (key_block < query_block) & regular                               # [Q, nb, B]
+    current = (key_block == query_block) & (key[None] <= query[:, None, None]) & regular
+    # earlier blocks (see earlier_block_logits): s_j + (s_landmark - logsumexp of the block's regular keys)
+    shift = blocks[..., -1:] - torch.logsumexp(blocks[..., :-1], dim=-1, keepdim=True)   # [..., Q, nb, 1]
+    out = (blocks + torch.where(earlier, shift, 0.0)).masked_fill(~(earlier | current), NEG_INF)
     return out.flatten(-2)[..., :k_len]
 
 
