@@ -225,3 +225,14 @@ def test_defaults_and_validation():
     model = method.apply(tiny_model(), W, W, "frozen")
     with pytest.raises(ValueError, match="already has an attention"):
         method.apply(model, W, W, "frozen")
+
+
+def test_benchmark_script_runs_on_small_lengths():
+    """Smoke test of workflow/bench_attention.py (no timing assertions: it is a benchmark, not a timed test)."""
+    from workflow.bench_attention import run_benchmark, summary
+
+    rows = run_benchmark([32, 64], ["sdpa", "lm_infinite"], n_local=16, repeats=1, measure=("time",), verbose=False)
+    assert [(r["kind"], r["n"]) for r in rows] == [("sdpa", 32), ("lm_infinite", 32), ("sdpa", 64),
+                                                   ("lm_infinite", 64)]
+    text = summary(rows, ["sdpa", "lm_infinite"])
+    assert "sdpa/lminf time" in text and "growth per doubling" in text
