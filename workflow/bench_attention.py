@@ -112,6 +112,10 @@ def run_benchmark(lengths, kinds, heads=4, head_dim=32, n_local=256, n_global=10
     return rows
 
 
+def _num(value) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
 def summary(rows: list[dict], kinds) -> str:
     """Table: per n, each kind's time and peak memory and the exact / LM-Infinite ratios; then growth per
     doubling of n (the ratio of a kind's numbers at 2n and at n)."""
@@ -126,20 +130,21 @@ def summary(rows: list[dict], kinds) -> str:
         line = f"{n:>7}"
         for k in kinds:
             r = by.get((k, n))
-            line += f"{r['ms']:>16.1f}{r['peak_mb']:>17.1f}" if r else f"{'—':>16}{'—':>17}"
+            line += f"{_num(r and r['ms']):>16}{_num(r and r['peak_mb']):>17}"
         lm = by.get(("lm_infinite", n))
         for k in exact if lm else []:
             r = by.get((k, n))
-            mem = f"{r['peak_mb'] / lm['peak_mb']:.1f}x" if r and lm["peak_mb"] else "—"
-            tim = f"{r['ms'] / lm['ms']:.1f}x" if r and lm["ms"] > 0 else "—"
+            mem = f"{r['peak_mb'] / lm['peak_mb']:.1f}x" if r and r["peak_mb"] is not None and lm["peak_mb"] else "—"
+            tim = f"{r['ms'] / lm['ms']:.1f}x" if r and r["ms"] is not None and lm["ms"] else "—"
             line += f"{mem:>18}{tim:>19}"
         lines.append(line)
     lines.append("growth per doubling of n (value at 2n / value at n):")
     for k in kinds:
         steps = [(by[(k, n)], by[(k, 2 * n)]) for n in lengths if (k, n) in by and (k, 2 * n) in by]
         if steps:
-            mem = ", ".join(f"{b['peak_mb'] / a['peak_mb']:.1f}" if a["peak_mb"] else "—" for a, b in steps)
-            tim = ", ".join(f"{b['ms'] / a['ms']:.1f}" for a, b in steps)
+            mem = ", ".join(f"{b['peak_mb'] / a['peak_mb']:.1f}" if a["peak_mb"] and b["peak_mb"] is not None
+                            else "—" for a, b in steps)
+            tim = ", ".join(f"{b['ms'] / a['ms']:.1f}" if a["ms"] and b["ms"] is not None else "—" for a, b in steps)
             lines.append(f"  {k:>11}  memory x[{mem}]  time x[{tim}]")
     return "\n".join(lines)
 
