@@ -7,14 +7,14 @@
 """
 from __future__ import annotations
 
-from . import dynamic_ntk, landmark, none, ntk, pi, yarn
+from . import dynamic_ntk, landmark, lm_infinite, none, ntk, pi, yarn
 from .attention import EXACT, AttentionMethod
 from .rope import REGIMES, RopeMethod
 
 METHODS: dict[str, RopeMethod] = {m.METHOD.name: m.METHOD for m in (none, pi, ntk, dynamic_ntk, yarn)}
 
 # Attention kinds a cell may combine with a RoPE method ("exact": the model's own full attention).
-ATTENTION_METHODS: dict[str, AttentionMethod] = {m.name: m for m in (EXACT, landmark.METHOD)}
+ATTENTION_METHODS: dict[str, AttentionMethod] = {m.name: m for m in (EXACT, lm_infinite.METHOD, landmark.METHOD)}
 ATTENTIONS: tuple[str, ...] = tuple(ATTENTION_METHODS)
 
 

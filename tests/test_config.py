@@ -11,6 +11,7 @@ TINY_CELLS = {
     "none-exact-256-frozen",
     *(f"{m}-exact-{n}-ft" for m in ("pi", "ntk", "dynamic_ntk", "yarn") for n in (512, 1024)),
     *(f"{m}-exact-1024-frozen" for m in ("ntk", "dynamic_ntk", "yarn")),
+    "none-lm_infinite-256-frozen",
     "none-landmark-256-ft",
 }
 
@@ -18,14 +19,14 @@ TINY_CELLS = {
 def test_tiny_grid_is_exactly_the_configured_cells():
     cells = expand_grid(compose("tiny"))
     assert {c["cell_id"] for c in cells} == TINY_CELLS
-    assert len(cells) == 13
+    assert len(cells) == 14
 
 
 def test_micro_has_the_same_grid_shape():
     cfg = compose("micro")
     cells = expand_grid(cfg)
     base = cfg["model"]["base_window"]
-    assert len(cells) == 13
+    assert len(cells) == 14
     assert {c["cell_id"] for c in cells} == {
         c.replace("-256-", f"-{base}-").replace("-512-", "-128-").replace("-1024-", "-256-") for c in TINY_CELLS}
 
@@ -107,7 +108,7 @@ def test_dry_run_lists_every_cell(tmp_path):
     out = run.stdout + run.stderr
     for cid in TINY_CELLS:
         assert f"cell={cid}" in out or f"finetuned_cell={cid}" in out, cid
-    assert out.count("rule finetune:") == 9 and out.count("rule evaluate:") == 13
+    assert out.count("rule finetune:") == 9 and out.count("rule evaluate:") == 14
 
 
 def test_dry_run_fails_early_on_bad_config(tmp_path):
@@ -124,5 +125,26 @@ def test_attention_params_are_validated_against_the_attention_kind():
     with pytest.raises(ConfigError, match=r"grid\[0\].*attention 'exact'.*unknown parameter"):
         expand_grid(cfg)
     cfg["grid"][0]["attention"] = "window"
-    with pytest.raises(ConfigError, match="valid: exact"):
+    with pytest.raises(ConfigError, match="valid: exact, lm_infinite"):
+        expand_grid(cfg)
+
+
+def test_lm_infinite_cells_combine_with_any_rope_and_are_frozen_only():
+    cells = {c["cell_id"]: c for c in expand_grid(compose("tiny"))}
+    assert cells["none-lm_infinite-256-frozen"]["attention_params"] == {"n_local": 256, "n_global": 10,
+                                                                         "distance_cap": 256}
+    cfg = compose("tiny")
+    cfg["grid"] = [{"rope": "yarn", "attention": "lm_infinite", "regime": "frozen", "train_len": 1024,
+                    "attention_params": {"n_global": 4}}]
+    (cell,) = expand_grid(cfg)
+    assert cell["cell_id"] == "yarn-lm_infinite-1024-frozen" and cell["method_params"]["beta_fast"] == 32
+    assert cell["attention_params"] == {"n_local": 256, "n_global": 4, "distance_cap": 256}
+    cfg["grid"][0]["regime"] = "finetuned"
+    with pytest.raises(ConfigError, match=r"grid\[0\].*lm_infinite.*supports regime\(s\) frozen"):
+        expand_grid(cfg)
+    cfg["grid"][0].update(regime="frozen", attention_params={"n_local": 0})
+    with pytest.raises(ConfigError, match="n_local must be an integer >= 1"):
+        expand_grid(cfg)
+    cfg["grid"] = [{"rope": "none", "attention": "lm_infinite", "regime": "frozen", "train_len": 512}]
+    with pytest.raises(ConfigError, match="train_len must be 256"):
         expand_grid(cfg)

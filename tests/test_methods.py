@@ -376,14 +376,14 @@ def test_verify_rotary_can_fail():
 
 def test_package_exports():
     assert set(methods.__all__) >= {"METHODS", "get_method", "restore"}
-    assert methods.ATTENTIONS[0] == "exact" and "landmark" in methods.ATTENTIONS
+    assert methods.ATTENTIONS == ("exact", "lm_infinite", "landmark")
 
 
 def test_attention_axis_registry_and_exact_is_a_no_op(tmp_path):
     from methods import get_attention
 
     assert get_method("exact") is get_attention("exact")
-    with pytest.raises(ValueError, match="valid: exact"):
+    with pytest.raises(ValueError, match="valid: exact, lm_infinite"):
         get_attention("sparse")
     model = tiny_model()
     before = model(input_ids=torch.arange(8)[None]).logits

@@ -115,8 +115,8 @@ def expand_grid(cfg: dict) -> list[dict]:
                 raise ConfigError(f"{where}.train_len={train_len} must be above model.base_window={base_window} "
                                   f"for method {rope!r} (it is the extension target)")
             if rope == "none" and train_len != base_window and regime == "frozen":
-                raise ConfigError(f"{where}: the unmodified base model (rope 'none', frozen) has train_len "
-                                  f"{base_window} (the base window), got {train_len}")
+                raise ConfigError(f"{where}: a frozen cell with rope 'none' keeps the base window: train_len must "
+                                  f"be {base_window} (model.base_window, or 'base'), got {train_len}")
             cid = cell_id(rope, attention, train_len, regime)
             if cid in seen:
                 raise ConfigError(f"{where} repeats cell {cid} (first defined in grid[{seen[cid]}])")

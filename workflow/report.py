@@ -549,7 +549,7 @@ def _load_cells(db: Db) -> list[dict]:
     for i, c in enumerate(cells):
         c["method"] = method_label(c["rope"], c["attention"])
         c["family"] = method_family(c["rope"], c["attention"])
-        c["params"] = compact_params(_json(c["method_params"]) or {})
+        c["params"] = compact_params({**(_json(c["method_params"]) or {}), **(_json(c["attention_params"]) or {})})
         c["scale"] = fmt_num(c["train_len"] / c["base_window"]) if c["base_window"] else "—"
         c["hash"] = (c["config_hash"] or "—")[:12]
         c["color"] = PALETTE[i % len(PALETTE)]
