@@ -9,7 +9,7 @@ from workflow.config import ConfigError, cell_id, cell_record, compose, expand_g
 
 TINY_CELLS = {
     "none-exact-256-frozen",
-    *(f"{m}-exact-{n}-ft" for m in ("pi", "ntk", "dynamic_ntk", "yarn") for n in (512, 1024)),
+    *(f"{m}-exact-{n}-ft" for m in ("pi", "ntk", "dynamic_ntk", "yarn", "clex") for n in (512, 1024)),
     *(f"{m}-exact-1024-frozen" for m in ("ntk", "dynamic_ntk", "yarn")),
     "none-lm_infinite-256-frozen",
     "none-landmark-256-ft",
@@ -19,14 +19,14 @@ TINY_CELLS = {
 def test_tiny_grid_is_exactly_the_configured_cells():
     cells = expand_grid(compose("tiny"))
     assert {c["cell_id"] for c in cells} == TINY_CELLS
-    assert len(cells) == 14
+    assert len(cells) == 16
 
 
 def test_micro_has_the_same_grid_shape():
     cfg = compose("micro")
     cells = expand_grid(cfg)
     base = cfg["model"]["base_window"]
-    assert len(cells) == 14
+    assert len(cells) == 16
     assert {c["cell_id"] for c in cells} == {
         c.replace("-256-", f"-{base}-").replace("-512-", "-128-").replace("-1024-", "-256-") for c in TINY_CELLS}
 
@@ -41,6 +41,10 @@ def test_method_params_are_resolved_per_regime():
     assert cells["dynamic_ntk-exact-1024-frozen"]["method_params"]["factor"] == 2
     assert cells["dynamic_ntk-exact-1024-ft"]["method_params"]["factor"] == 2   # ceil(4 / 2)
     assert cells["yarn-exact-512-ft"]["method_params"]["beta_fast"] == 32
+    # CLEX: max_factor 4 x the training scale (as upstream; LCEG's 32 at 4k -> 32k)
+    assert cells["clex-exact-512-ft"]["method_params"] == {"max_factor": 8, "param_factor": 1, "act": "silu",
+                                                           "time_dt": 0.01}
+    assert cells["clex-exact-1024-ft"]["method_params"]["max_factor"] == 16
 
 
 def test_landmark_cell_is_fine_tuned_at_the_base_window_with_study_block_size():
@@ -108,7 +112,7 @@ def test_dry_run_lists_every_cell(tmp_path):
     out = run.stdout + run.stderr
     for cid in TINY_CELLS:
         assert f"cell={cid}" in out or f"finetuned_cell={cid}" in out, cid
-    assert out.count("rule finetune:") == 9 and out.count("rule evaluate:") == 14
+    assert out.count("rule finetune:") == 11 and out.count("rule evaluate:") == 16
 
 
 def test_dry_run_fails_early_on_bad_config(tmp_path):

@@ -13,7 +13,8 @@ from methods.rope import verify_rotary
 from methods.yarn import correction_range, mscale
 
 L, TARGET = 64, 256  # tiny model windows (s = 4)
-NAMES = ["none", "pi", "ntk", "dynamic_ntk", "yarn"]
+NAMES = ["none", "pi", "ntk", "dynamic_ntk", "yarn"]  # fixed frequency methods (CLEX: tests/test_clex.py)
+ALL_NAMES = NAMES + ["clex"]
 
 
 def theta(d, b):
@@ -54,16 +55,16 @@ def alpha_from(inv_freq, d, b=10000.0):
 
 
 def test_registry_names_and_unknown_method():
-    assert list(METHODS) == NAMES
-    for name in NAMES:
+    assert list(METHODS) == ALL_NAMES
+    for name in ALL_NAMES:
         method = get_method(name)
         assert method.name == name and method.description and "\n" not in method.description
     with pytest.raises(ValueError) as err:
         get_method("nope")
-    assert all(name in str(err.value) for name in NAMES)
+    assert all(name in str(err.value) for name in ALL_NAMES)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", ALL_NAMES)
 @pytest.mark.parametrize("windows, needle", [((0, 128), "original_window"), ((-4, 128), "original_window"),
                                              ((64, 0), "target_window"), ((64.0, 128), "original_window"),
                                              ((128, 64), "target_window=64")])
