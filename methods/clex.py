@@ -162,13 +162,21 @@ class CLEXRotaryEmbedding(nn.Module):
 
 
 # --- KV cache -------------------------------------------------------------------------------------------------
+def _cache_in(kwargs_or_output):
+    """The KV cache of a decoder call or output: transformers >= 5.24 names it `cache`, earlier versions
+    `past_key_values` (the old name is still accepted as an alias)."""
+    get = kwargs_or_output.get if isinstance(kwargs_or_output, dict) else lambda k: getattr(kwargs_or_output, k, None)
+    cache = get("cache")
+    return cache if cache is not None else get("past_key_values")
+
+
 def _sync_cache(decoder, args, kwargs):
     """Forward pre-hook on the decoder: when this forward's t differs from the t the cache was built with, drop the
     cache and re-encode the whole sequence (the cached token ids plus the new ones) with the new t; the post-hook
     then keeps only the new positions of the output, so callers see the usual shapes."""
     if decoder.training:
         return None
-    cache = kwargs.get("past_key_values")
+    cache = _cache_in(kwargs)
     past = cache.get_seq_length() if cache is not None else 0
     if past == 0:
         return None
@@ -206,7 +214,7 @@ def _record_cache(decoder, args, kwargs, output):
     if keep is not None:
         decoder._ctxext_clex_keep = None
         output.last_hidden_state = output.last_hidden_state[:, -keep:]
-    cache = getattr(output, "past_key_values", None)
+    cache = _cache_in(output)
     if cache is None or decoder.training:
         return output
     ids = kwargs.get("input_ids")
