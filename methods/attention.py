@@ -7,7 +7,7 @@ the same attention (see `methods.restore`).
 """
 from __future__ import annotations
 
-from .rope import REGIMES, check_regime, check_windows
+from .rope import REGIMES, check_regime, check_windows, merge_params
 
 
 class AttentionMethod:
@@ -27,12 +27,7 @@ class AttentionMethod:
 
     def resolve(self, base_window: int, train_len: int, regime: str = "frozen", **overrides) -> dict:
         """Defaults updated by `overrides`, validated; unknown names or bad values raise ValueError."""
-        params = self.defaults(base_window, train_len, regime)
-        unknown = sorted(set(overrides) - set(params))
-        if unknown:
-            valid = ", ".join(sorted(params)) or "none"
-            raise ValueError(f"unknown parameter(s) {unknown} for attention {self.name!r}; valid: {valid}")
-        params.update(overrides)
+        params = merge_params(self.defaults(base_window, train_len, regime), overrides, f"attention {self.name!r}")
         return self._validate(params, base_window, train_len)
 
     def _defaults(self, base_window: int, train_len: int, regime: str) -> dict:

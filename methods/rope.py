@@ -39,6 +39,16 @@ def check_regime(regime) -> None:
         raise ValueError(f"regime={regime!r} is not valid; valid: {', '.join(REGIMES)}")
 
 
+def merge_params(defaults: dict, overrides: dict, owner: str) -> dict:
+    """`defaults` updated by `overrides`; a name that is not a default raises ValueError naming `owner`
+    (e.g. "method 'yarn'") and the valid names."""
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        valid = ", ".join(sorted(defaults)) or "none"
+        raise ValueError(f"unknown parameter(s) {unknown} for {owner}; valid: {valid}")
+    return {**defaults, **overrides}
+
+
 def check_rope_inputs(head_dim, base) -> None:
     if not isinstance(head_dim, Integral) or isinstance(head_dim, bool) or head_dim < 4 or head_dim % 2:
         raise ValueError(f"head_dim must be an even integer >= 4, got {head_dim!r}")
@@ -101,12 +111,8 @@ class RopeMethod:
 
     def resolve(self, original_window: int, target_window: int, regime: str = "finetuned", **overrides) -> dict:
         """Defaults updated by `overrides`, validated; unknown names or bad values raise ValueError."""
-        params = self.defaults(original_window, target_window, regime)
-        unknown = sorted(set(overrides) - set(params))
-        if unknown:
-            valid = ", ".join(sorted(params)) or "none"
-            raise ValueError(f"unknown parameter(s) {unknown} for method {self.name!r}; valid: {valid}")
-        params.update(overrides)
+        params = merge_params(self.defaults(original_window, target_window, regime), overrides,
+                              f"method {self.name!r}")
         return self._validate(params, original_window, target_window)
 
     def _defaults(self, original_window: int, target_window: int, regime: str) -> dict:
