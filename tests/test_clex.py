@@ -2,24 +2,20 @@
 gradient flow into the ODE, checkpoint reload, and cached generation vs full recomputation."""
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from methods import get_method
 from methods.clex import CLEXODE, CLEXRotaryEmbedding, inference_scale, training_positions
 from methods.ntk import ntk_base
 from methods.rope import default_inv_freq
 from workflow.modeling import load_model
+from tests.models import random_ids, tiny_llama
 
 CLEX = get_method("clex")
 L = 8
 
 
 def tiny_model(seed=0, layers=2):
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                         num_attention_heads=4, max_position_embeddings=L, eos_token_id=None, bos_token_id=None,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(seed, vocab=64, layers=layers, window=L, eos_token_id=None, bos_token_id=None)
 
 
 def clex_model(seed=0, target=16, trained=True, **params):
@@ -31,7 +27,7 @@ def clex_model(seed=0, target=16, trained=True, **params):
 
 
 def ids(n, seed=1):
-    return torch.randint(0, 64, (1, n), generator=torch.Generator().manual_seed(seed))
+    return random_ids(n, 64, seed)
 
 
 # ---------------------------------------------------------------- maths

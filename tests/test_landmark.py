@@ -10,6 +10,7 @@ import torch
 from methods import attention_of, get_method, restore
 from methods.landmark import (LandmarkMemory, grouped_weights, insert_landmarks, memory_attention, rotate,
                               select_blocks, window_length)
+from tests.models import tiny_llama
 
 
 # --- a naive reference, written independently of the implementation -------------------------------------------
@@ -149,13 +150,8 @@ def test_rotate_inverse_and_relative():
 
 # --- on a model --------------------------------------------------------------------------------------------------
 def _model(heads=4, kv_heads=2, vocab=40, tie=True, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=40,
-                         tie_word_embeddings=tie, attn_implementation="sdpa")
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(seed, vocab=vocab, hidden=32, intermediate=48, heads=heads, kv_heads=kv_heads, window=40,
+                      tie_word_embeddings=tie, attn_implementation="sdpa")
 
 
 # B = 4, k = 6, T = 40: windows of 12 tokens, and after two windows the memory (6 blocks) is still <= k

@@ -5,31 +5,22 @@ import itertools
 
 import pytest
 import torch
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers import AttentionInterface
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from methods import ATTENTIONS, get_attention, get_method
 from methods.lm_infinite import ATTN_IMPLEMENTATION, lm_infinite_scores_attention
+from tests.models import logits, random_ids, tiny_llama
 
 W = 16  # base window of the tiny model
 
 
 def tiny_model(seed=0, kv_heads=2):
-    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=W,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                         attn_implementation="sdpa")
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(seed, vocab=97, intermediate=96, kv_heads=kv_heads, window=W, attn_implementation="sdpa")
 
 
 def ids(n, seed=1):
-    return torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def logits(model, x):
-    return model(input_ids=x).logits
+    return random_ids(n, 97, seed)
 
 
 # ---------------------------------------------------------------- the naive reference

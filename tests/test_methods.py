@@ -11,6 +11,7 @@ import methods
 from methods import METHODS, get_method, restore
 from methods.rope import verify_rotary
 from methods.yarn import correction_range, mscale
+from tests.models import logits, random_ids, tiny_llama
 
 L, TARGET = 64, 256  # tiny model windows (s = 4)
 NAMES = ["none", "pi", "ntk", "dynamic_ntk", "yarn"]  # fixed frequency methods (CLEX: tests/test_clex.py)
@@ -22,11 +23,7 @@ def theta(d, b):
 
 
 def tiny_model(seed=0, **kw):
-    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=L,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **kw)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return tiny_llama(seed, window=L, **kw)
 
 
 def wide_head_model():
@@ -38,12 +35,7 @@ def wide_head_model():
 
 
 def ids(n, seed=1):
-    return torch.randint(0, 128, (1, n), generator=torch.Generator().manual_seed(seed))
-
-
-@torch.no_grad()
-def logits(model, x):
-    return model(input_ids=x).logits
+    return random_ids(n, 128, seed)
 
 
 def alpha_from(inv_freq, d, b=10000.0):

@@ -4,19 +4,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from workflow.batches import finetune_batches, pretrain_batches
 from workflow.train import lr_at, train
+from tests.models import tiny_llama
 
 CFG = {"steps": 6, "lr": 1e-2, "schedule": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1, "weight_decay": 0.1,
        "betas": [0.9, 0.95], "grad_clip": 1.0, "seed": 0, "checkpoint_every": 3}
 
 
 def tiny_model():
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32))
+    return tiny_llama(vocab=64, hidden=32, intermediate=64, heads=2, window=32).train()
 
 
 def batches():
