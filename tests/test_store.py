@@ -190,3 +190,47 @@ def test_cli_prints_summary(study, tmp_path, capsys):
     (study / "cells" / "pi-exact-512-ft" / "eval" / "needle.json").write_text("[]")
     assert store.main(["--study-dir", str(study), "--db", str(db), "--strict"]) == 1
     assert query(db, "SELECT count(*) FROM runs") == [(2,)]
+
+
+def _write_suite(study, cell_id, rows):
+    path = study / "cells" / cell_id / "eval" / "ruler.json"
+    path.write_text(json.dumps({"schema_version": 1, "cell_id": cell_id, "task": "ruler",
+                                "rows": rows, "meta": {"wall_s": 4.0}}))
+
+
+def test_rows_name_their_task_within_a_suite(study, tmp_path):
+    db = tmp_path / "metrics.duckdb"
+    cell = "pi-exact-512-ft"
+    _write_suite(study, cell, [
+        {"task": "niah_single_1", "eval_len": 256, "metric": "score", "value": 1.0, "n": 2},
+        {"task": "vt", "eval_len": 256, "metric": "score", "value": 0.5, "n": 2}])
+    store.ingest(study, db, echo=False)
+    got = query(db, "SELECT suite, task, value FROM metrics WHERE cell_id = ? AND suite = 'ruler' ORDER BY task",
+                [cell])
+    assert got == [("ruler", "niah_single_1", 1.0), ("ruler", "vt", 0.5)]
+    assert query(db, "SELECT DISTINCT suite FROM metrics WHERE task = 'ppl'") == [("ppl",)]
+    # A rerun with fewer tasks replaces the whole suite of that cell (no stale task left behind).
+    _write_suite(study, cell, [{"task": "vt", "eval_len": 256, "metric": "score", "value": 0.0, "n": 2}])
+    store.ingest(study, db, echo=False)
+    got = query(db, "SELECT task, value FROM metrics WHERE cell_id = ? AND suite = 'ruler'", [cell])
+    assert got == [("vt", 0.0)]
+
+
+def test_bad_row_task_skips_the_file(study, tmp_path, capsys):
+    _write_suite(study, "pi-exact-512-ft", [{"task": 3, "eval_len": 256, "metric": "score", "value": 1.0}])
+    counts = store.ingest(study, tmp_path / "metrics.duckdb")
+    assert counts["skipped"] == 1 and "ruler.json: rows[0]: task must be" in capsys.readouterr().err
+
+
+def test_version_1_database_is_migrated_in_place(study, tmp_path):
+    db = tmp_path / "metrics.duckdb"
+    store.ingest(study, db, echo=False)
+    con = duckdb.connect(str(db))
+    con.execute("ALTER TABLE metrics DROP COLUMN suite")
+    con.execute("UPDATE schema_info SET version = 1")
+    con.close()
+    before = query(db, "SELECT count(*) FROM metrics")[0][0]
+    store.ingest(study, db, echo=False)
+    assert query(db, "SELECT version FROM schema_info") == [(store.SCHEMA_VERSION,)]
+    assert query(db, "SELECT count(*) FROM metrics")[0][0] == before
+    assert query(db, "SELECT count(*) FROM metrics WHERE suite IS NULL OR suite <> task") == [(0,)]

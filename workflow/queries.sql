@@ -52,9 +52,9 @@ GROUP BY cell_id;
 SELECT cell_id, task FROM metrics GROUP BY cell_id, task ORDER BY cell_id, task;
 
 -- name: eval_wall
--- Evaluation wall time per cell: each task file's wall time counted once.
+-- Evaluation wall time per cell: each result file's (suite's) wall time counted once.
 SELECT cell_id, sum(wall_s) AS eval_wall_s
-FROM (SELECT cell_id, task, max(wall_s) AS wall_s FROM metrics GROUP BY cell_id, task)
+FROM (SELECT cell_id, suite, max(wall_s) AS wall_s FROM metrics GROUP BY cell_id, suite)
 GROUP BY cell_id;
 
 -- name: compute_totals
@@ -62,7 +62,7 @@ SELECT coalesce((SELECT CAST(json_extract(value, '$.wall_s') AS DOUBLE) FROM stu
                  WHERE key = 'base_train'), 0) AS pretrain_s,
        coalesce((SELECT sum(train_wall_s) FROM cells), 0) AS finetune_s,
        coalesce((SELECT sum(wall_s) FROM (SELECT max(wall_s) AS wall_s FROM metrics
-                                          GROUP BY cell_id, task)), 0) AS eval_s;
+                                          GROUP BY cell_id, suite)), 0) AS eval_s;
 
 -- name: train_steps
 SELECT cell_id, count(*) AS steps, max(elapsed_s) AS elapsed_s FROM train_log GROUP BY cell_id;

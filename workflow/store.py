@@ -18,7 +18,7 @@ from pathlib import Path
 
 import duckdb
 
-SCHEMA_VERSION = 1        # version of the database schema created below
+SCHEMA_VERSION = 2        # version of the database schema created below (2: metrics.suite)
 RESULT_SCHEMA_VERSION = 1  # schema_version expected in cell.json and eval/<task>.json
 REGIMES = ("frozen", "finetuned")
 BASE_CELL_ID = "base"     # train_log rows of the base model's pretraining
@@ -38,14 +38,14 @@ CREATE TABLE IF NOT EXISTS train_log(
     elapsed_s DOUBLE, PRIMARY KEY(cell_id, step));
 CREATE TABLE IF NOT EXISTS metrics(
     cell_id VARCHAR, task VARCHAR, eval_len INTEGER, depth DOUBLE, metric VARCHAR, value DOUBLE,
-    n INTEGER, ci_low DOUBLE, ci_high DOUBLE, wall_s DOUBLE, source VARCHAR);
+    n INTEGER, ci_low DOUBLE, ci_high DOUBLE, wall_s DOUBLE, source VARCHAR, suite VARCHAR);
 CREATE TABLE IF NOT EXISTS study(key VARCHAR PRIMARY KEY, value JSON);
 """
 
 TABLES = ("cells", "metrics", "train_log", "runs", "study")
 
 EXPORT_QUERY = """
-SELECT m.cell_id, c.rope, c.attention, c.train_len, c.regime, m.task, m.eval_len, m.depth, m.metric,
+SELECT m.cell_id, c.rope, c.attention, c.train_len, c.regime, m.suite, m.task, m.eval_len, m.depth, m.metric,
        m.value, m.n, m.ci_low, m.ci_high, m.wall_s, m.source
 FROM metrics m LEFT JOIN cells c USING (cell_id)
 ORDER BY m.cell_id, m.task, m.metric, m.eval_len, m.depth NULLS FIRST
@@ -120,7 +120,10 @@ def read_cell(path: Path, cell_dir_name: str) -> dict:
 
 
 def read_eval(path: Path, cell_id: str) -> tuple[str, list[tuple], float | None]:
-    """Validated eval/<task>.json: (task, rows as tuples in metrics column order, wall_s)."""
+    """Validated eval/<suite>.json: (suite, rows as tuples in metrics column order, wall_s).
+
+    The file's `task` names the suite (ppl, passkey, ruler, ...). A row may name its own task within
+    the suite (`"task": "niah_single_1"`); without one, the row's task is the suite itself."""
     obj = _load_json(path)
     _check_version(obj)
     _require(obj, ("cell_id", "task", "rows"))
@@ -143,8 +146,11 @@ def read_eval(path: Path, cell_id: str) -> tuple[str, list[tuple], float | None]
             _require(row, ("eval_len", "metric", "value"))
             if not isinstance(row["metric"], str):
                 raise BadFile(f"metric must be a string, found {row['metric']!r}")
+            row_task = row.get("task", task)
+            if not isinstance(row_task, str) or not row_task:
+                raise BadFile(f"task must be a non-empty string, found {row_task!r}")
             rows.append((
-                cell_id, task, _integer(row["eval_len"], "eval_len"),
+                cell_id, row_task, _integer(row["eval_len"], "eval_len"),
                 _number(row.get("depth"), "depth"), row["metric"], _number(row["value"], "value"),
                 _integer(row.get("n"), "n", optional=True), _number(row.get("ci_low"), "ci_low"),
                 _number(row.get("ci_high"), "ci_high"), wall_s,
@@ -301,6 +307,17 @@ def create_schema(con) -> None:
     con.execute(SCHEMA)
     if found is None:
         con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
+    elif found < SCHEMA_VERSION:
+        migrate(con, found)
+
+
+def migrate(con, found: int) -> None:
+    """Bring an older database up to SCHEMA_VERSION in place (inside the ingest transaction)."""
+    if found < 2:  # version 1 had no suite: every result file was one task
+        con.execute("ALTER TABLE metrics ADD COLUMN IF NOT EXISTS suite VARCHAR")
+        con.execute("UPDATE metrics SET suite = task WHERE suite IS NULL")
+    con.execute("DELETE FROM schema_info")
+    con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
 
 
 def _write_study(con, study: dict | None, manifest: dict | None, base_summary: dict | None) -> None:
@@ -336,10 +353,15 @@ def _write_train_log(con, cell_id: str, rows: list[tuple]) -> None:
         con.executemany("INSERT INTO train_log VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
 
-def _write_metrics(con, cell_id: str, task: str, rows: list[tuple], source: str) -> None:
-    con.execute("DELETE FROM metrics WHERE cell_id = ? AND task = ?", [cell_id, task])
-    con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [(*row, source) for row in rows])
+METRIC_COLUMNS = ("cell_id, task, eval_len, depth, metric, value, n, ci_low, ci_high, wall_s, source, "
+                  "suite")
+
+
+def _write_metrics(con, cell_id: str, suite: str, rows: list[tuple], source: str) -> None:
+    """Replace every row of one result file (one suite of one cell)."""
+    con.execute("DELETE FROM metrics WHERE cell_id = ? AND suite = ?", [cell_id, suite])
+    con.executemany(f"INSERT INTO metrics ({METRIC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(*row, source, suite) for row in rows])
 
 
 def _update_status_and_totals(con) -> None:
@@ -350,7 +372,7 @@ def _update_status_and_totals(con) -> None:
     total = con.execute("""
         SELECT coalesce((SELECT sum(train_wall_s) FROM cells), 0)
              + coalesce((SELECT sum(wall_s) FROM (SELECT max(wall_s) AS wall_s FROM metrics
-                                                  GROUP BY cell_id, task)), 0)
+                                                  GROUP BY cell_id, suite)), 0)
              + coalesce((SELECT CAST(json_extract(value, '$.wall_s') AS DOUBLE) FROM study
                          WHERE key = 'base_train'), 0)""").fetchone()[0]
     con.execute("INSERT OR REPLACE INTO study VALUES ('total_compute_s', ?)", [_dumps(total)])
