@@ -33,6 +33,30 @@ def write_json(path: str | Path, obj, indent: int | None = 1) -> Path:
     return path
 
 
+FAILURE_FILE = "failed.json"
+
+
+def run_cell_stage(stage: str, cfg: dict, cell_dir: Path, fn):
+    """Run one stage of a cell, `fn()`. When the cell cannot complete (its loss diverged, it does not
+    fit in memory) write `<cell_dir>/failed.json` with the reason and exit with status 1: Snakemake
+    marks the job failed, `--keep-going` carries on with the other cells, and the store marks the cell
+    'failed' with the reason. A leftover record of an earlier attempt is removed first."""
+    import torch
+
+    from workflow.config import config_hash
+
+    record = Path(cell_dir) / FAILURE_FILE
+    record.unlink(missing_ok=True)
+    try:
+        return fn()
+    except (FloatingPointError, MemoryError, torch.OutOfMemoryError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        write_json(record, {"schema_version": 1, "cell_id": cfg["cell_id"], "stage": stage, "reason": reason,
+                            "config_hash": config_hash(cfg)})
+        log(f"FAILED {cfg['cell_id']} ({stage}): {reason}; recorded in {record}")
+        raise SystemExit(1) from exc
+
+
 def set_threads(threads: int) -> int:
     import torch
 

@@ -15,6 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "config"
 REGIMES = ("frozen", "finetuned")
 AXES = ("rope", "attention", "train_len", "regime")
+SCHEDULES = ("cosine", "constant_with_warmup")  # learning-rate schedules of workflow.train.lr_at
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,13 @@ def validate(cfg: dict) -> None:
             raise ConfigError(f"eval.retrieval.depths[{i}] must be in [0, 1], got {d!r}")
     for stage in ("pretrain", "finetune"):
         _positive_int(cfg[stage]["steps"], f"{stage}.steps")
+        _positive_int(cfg[stage]["checkpoint_every"], f"{stage}.checkpoint_every")
+        lr = cfg[stage]["lr"]
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
+            raise ConfigError(f"{stage}.lr must be a positive finite number, got {lr!r}")
+        if cfg[stage]["schedule"] not in SCHEDULES:
+            raise ConfigError(f"{stage}.schedule={cfg[stage]['schedule']!r} is not known; valid: "
+                              f"{', '.join(SCHEDULES)}")
     unknown = set(ev["tasks"]) - {"ppl", "passkey", "needle"}
     if unknown:
         raise ConfigError(f"eval.tasks has unknown task(s) {sorted(unknown)}; valid: ppl, passkey, needle")
@@ -117,6 +125,10 @@ def expand_grid(cfg: dict) -> list[dict]:
             if rope == "none" and train_len != base_window and regime == "frozen":
                 raise ConfigError(f"{where}: a frozen cell with rope 'none' keeps the base window: train_len must "
                                   f"be {base_window} (model.base_window, or 'base'), got {train_len}")
+            tokens_per_step = cfg["finetune"]["tokens_per_step"]
+            if regime == "finetuned" and tokens_per_step % train_len:
+                raise ConfigError(f"finetune.tokens_per_step={tokens_per_step} must be a multiple of "
+                                  f"{where}.train_len={train_len} (whole rows a step)")
             cid = cell_id(rope, attention, train_len, regime)
             if cid in seen:
                 raise ConfigError(f"{where} repeats cell {cid} (first defined in grid[{seen[cid]}])")

@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from methods import attention_of
-from workflow.common import stage_parser, log, peak_memory_mb, read_json, set_threads, write_json
+from workflow.common import run_cell_stage, stage_parser, log, peak_memory_mb, read_json, set_threads, write_json
 from workflow.modeling import apply_cell_method, load_model
+from workflow.resources import ensure_eval_fits
 
 SCHEMA_VERSION = 1
 
@@ -149,6 +150,7 @@ def evaluate_cell(cfg: dict, data_dir: Path, model_dir: Path, out_dir: Path, tas
     ev = cfg["eval"]
     tasks = tasks or ev["tasks"]
     model = cell_model(cfg, model_dir)
+    ensure_eval_fits(model, ev["lengths"] + ev["retrieval"]["lengths"], ev["batch_tokens"])
     manifest = read_json(data_dir / "manifest.json")
     eos_id = manifest["tokenizer"]["eos_id"]
     for task in tasks:
@@ -173,7 +175,8 @@ def main(argv=None) -> None:
     parser.add_argument("--model", required=True, type=Path, help="fine-tuned cell model, or the base model")
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    evaluate_cell(read_json(args.config), args.data_dir, args.model, args.out)
+    cfg = read_json(args.config)
+    run_cell_stage("evaluate", cfg, args.out.parent, lambda: evaluate_cell(cfg, args.data_dir, args.model, args.out))
 
 
 if __name__ == "__main__":

@@ -10,10 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from methods import attention_of
 from workflow.batches import finetune_batches
-from workflow.common import stage_parser, read_json, set_threads, write_json
+from workflow.common import run_cell_stage, stage_parser, read_json, set_threads, write_json
 from workflow.modeling import apply_cell_method, load_model, save_model_dir
 from workflow.retrieval import PasskeyMixer
 from workflow.train import remove_checkpoint, train
@@ -24,7 +25,9 @@ def finetune_cell(cfg: dict, data_dir: Path, base_dir: Path, out: Path) -> dict:
 
     ft = cfg["finetune"]
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = apply_cell_method(load_model(base_dir), cfg)
+    model = load_model(base_dir)
+    torch.manual_seed(ft["seed"])  # a method's new parameters (CLEX's ODE) start the same in every run
+    model = apply_cell_method(model, cfg)
     tokens = np.load(data_dir / "train.npy", mmap_mode="r")
     mixer = PasskeyMixer(tokenizer, seed=ft["seed"], share=cfg["base"]["data"]["passkey_share"])
     batches = finetune_batches(tokens, cfg["train_len"], ft["tokens_per_step"], mixer)
@@ -42,7 +45,8 @@ def main(argv=None) -> None:
     parser.add_argument("--base", required=True, type=Path, help="the base model directory")
     args = parser.parse_args(argv)
     set_threads(args.threads)
-    finetune_cell(read_json(args.config), args.data_dir, args.base, args.out)
+    cfg = read_json(args.config)
+    run_cell_stage("finetune", cfg, args.out, lambda: finetune_cell(cfg, args.data_dir, args.base, args.out))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 Every ingest runs in one transaction: a failure leaves the previous database as it was. Result files
 that cannot be read (invalid JSON, missing keys, unknown schema version) are named, skipped and
 counted; the rows stored from them earlier are kept. Re-running never duplicates rows.
+
+A cell whose fine-tuning or evaluation stopped (`cells/<cell>/failed.json`, written by the stage: a
+diverged loss, a length that does not fit in memory) gets status 'failed' and the stage's reason in
+`cells.status_reason`; its metrics are not stored (old ones are removed), its training log is.
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from pathlib import Path
 
 import duckdb
 
-SCHEMA_VERSION = 2        # version of the database schema created below (2: metrics.suite)
+SCHEMA_VERSION = 3        # version of the database schema created below (2: metrics.suite,
+                          # 3: cells.status_reason)
 RESULT_SCHEMA_VERSION = 1  # schema_version expected in cell.json and eval/<task>.json
 REGIMES = ("frozen", "finetuned")
 BASE_CELL_ID = "base"     # train_log rows of the base model's pretraining
@@ -32,7 +37,7 @@ CREATE TABLE IF NOT EXISTS cells(
     cell_id VARCHAR PRIMARY KEY, study VARCHAR, rope VARCHAR, attention VARCHAR, train_len INTEGER,
     regime VARCHAR, base_window INTEGER, method_params JSON, config JSON, config_hash VARCHAR,
     code_version VARCHAR, train_wall_s DOUBLE, train_tokens_per_s DOUBLE, train_peak_mem_mb DOUBLE,
-    status VARCHAR);
+    status VARCHAR, status_reason VARCHAR);
 CREATE TABLE IF NOT EXISTS train_log(
     cell_id VARCHAR, step INTEGER, loss DOUBLE, lr DOUBLE, tokens_per_s DOUBLE, peak_mem_mb DOUBLE,
     elapsed_s DOUBLE, PRIMARY KEY(cell_id, step));
@@ -190,6 +195,18 @@ def read_train_log(path: Path, cell_id: str) -> list[tuple]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def read_failure(path: Path, cell_id: str) -> dict:
+    """Validated failed.json (see workflow.common.run_cell_stage)."""
+    obj = _load_json(path)
+    _check_version(obj)
+    _require(obj, ("cell_id", "stage", "reason"))
+    if obj["cell_id"] != cell_id:
+        raise BadFile(f"cell_id {obj['cell_id']!r} does not match its cell {cell_id!r}")
+    if not isinstance(obj["reason"], str):
+        raise BadFile(f"reason must be a string, found {obj['reason']!r}")
+    return obj
+
+
 def read_train_summary(path: Path) -> dict:
     """Validated train_summary.json."""
     obj = _load_json(path)
@@ -259,9 +276,13 @@ def collect(study_dir: Path, echo: bool = True) -> tuple[dict, _Reader]:
             "log": rd.read(cell_dir / "train_log.jsonl", read_train_log, cell["cell_id"]),
             "summary": rd.read(summary_path, read_train_summary),
             "summary_bad": False,
+            "failure": rd.read(cell_dir / "failed.json", read_failure, cell["cell_id"]),
             "evals": [],
         }
         entry["summary_bad"] = summary_path.exists() and entry["summary"] is None
+        if entry["failure"] is not None:  # its result files (if any) are from an earlier run: not valid
+            found["cells"].append(entry)
+            continue
         for eval_path in sorted((cell_dir / "eval").glob("*.json")):
             parsed = rd.read(eval_path, read_eval, cell["cell_id"])
             if parsed is not None:
@@ -316,6 +337,8 @@ def migrate(con, found: int) -> None:
     if found < 2:  # version 1 had no suite: every result file was one task
         con.execute("ALTER TABLE metrics ADD COLUMN IF NOT EXISTS suite VARCHAR")
         con.execute("UPDATE metrics SET suite = task WHERE suite IS NULL")
+    if found < 3:  # version 2 had no failed cells, hence no reason
+        con.execute("ALTER TABLE cells ADD COLUMN IF NOT EXISTS status_reason VARCHAR")
     con.execute("DELETE FROM schema_info")
     con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
 
@@ -331,7 +354,13 @@ def _write_study(con, study: dict | None, manifest: dict | None, base_summary: d
         con.execute("INSERT OR REPLACE INTO study VALUES (?, ?)", [key, _dumps(value)])
 
 
-def _write_cell(con, cell: dict, summary: dict | None, keep_old_summary: bool, study_name) -> None:
+CELL_COLUMNS = ("cell_id, study, rope, attention, train_len, regime, base_window, method_params, config, "
+                "config_hash, code_version, train_wall_s, train_tokens_per_s, train_peak_mem_mb, status, "
+                "status_reason")
+
+
+def _write_cell(con, cell: dict, summary: dict | None, keep_old_summary: bool, study_name,
+                failure: dict | None) -> None:
     train = [None, None, None]
     if summary is not None:
         train = [summary.get("wall_s"), summary.get("tokens_per_s"), summary.get("peak_mem_mb")]
@@ -340,11 +369,15 @@ def _write_cell(con, cell: dict, summary: dict | None, keep_old_summary: bool, s
                           "WHERE cell_id = ?", [cell["cell_id"]]).fetchone()
         train = list(old) if old else train
     con.execute(
-        "INSERT OR REPLACE INTO cells VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT OR REPLACE INTO cells ({CELL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [cell["cell_id"], cell.get("study", study_name), cell["rope"], cell["attention"],
          int(cell["train_len"]), cell["regime"], cell.get("base_window"),
          _dumps(cell.get("method_params", {})), _dumps(cell.get("config", {})),
-         cell.get("config_hash"), cell.get("code_version"), *train, "missing results"])
+         cell.get("config_hash"), cell.get("code_version"), *train,
+         "failed" if failure else "missing results",
+         f"{failure['stage']}: {failure['reason']}" if failure else None])
+    if failure:
+        con.execute("DELETE FROM metrics WHERE cell_id = ?", [cell["cell_id"]])
 
 
 def _write_train_log(con, cell_id: str, rows: list[tuple]) -> None:
@@ -368,7 +401,8 @@ def _update_status_and_totals(con) -> None:
     con.execute("""
         UPDATE cells SET status = CASE WHEN EXISTS (SELECT 1 FROM metrics m
                                                      WHERE m.cell_id = cells.cell_id)
-                                       THEN 'ok' ELSE 'missing results' END""")
+                                       THEN 'ok' ELSE 'missing results' END
+        WHERE status IS DISTINCT FROM 'failed'""")
     total = con.execute("""
         SELECT coalesce((SELECT sum(train_wall_s) FROM cells), 0)
              + coalesce((SELECT sum(wall_s) FROM (SELECT max(wall_s) AS wall_s FROM metrics
@@ -436,7 +470,7 @@ def ingest(study_dir: Path, db_path: Path, run_info: dict | None = None,
                 _write_train_log(con, BASE_CELL_ID, found["base_log"])
             for entry in found["cells"]:
                 cell = entry["cell"]
-                _write_cell(con, cell, entry["summary"], entry["summary_bad"], study_name)
+                _write_cell(con, cell, entry["summary"], entry["summary_bad"], study_name, entry["failure"])
                 if entry["log"] is not None:
                     _write_train_log(con, cell["cell_id"], entry["log"])
                 for task, rows, source in entry["evals"]:
@@ -450,6 +484,8 @@ def ingest(study_dir: Path, db_path: Path, run_info: dict | None = None,
         counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
         counts["cells_ok"] = con.execute(
             "SELECT count(*) FROM cells WHERE status = 'ok'").fetchone()[0]
+        counts["cells_failed"] = con.execute(
+            "SELECT cell_id, status_reason FROM cells WHERE status = 'failed' ORDER BY cell_id").fetchall()
         exports = export_metrics(con, Path(export_dir) if export_dir else study_dir / "exports")
     finally:
         con.close()
@@ -461,7 +497,9 @@ def ingest(study_dir: Path, db_path: Path, run_info: dict | None = None,
 def format_summary(counts: dict, study_dir: Path, db_path: Path) -> str:
     lines = [f"store: ingested {study_dir} into {db_path} (run {counts['run_id']})",
              f"  cells      {counts['cells']:>7}  ({counts['cells_ok']} with results, "
-             f"{counts['cells'] - counts['cells_ok']} missing results)"]
+             f"{counts['cells'] - counts['cells_ok'] - len(counts['cells_failed'])} missing results, "
+             f"{len(counts['cells_failed'])} failed)"]
+    lines += [f"    failed: {cid}: {reason}" for cid, reason in counts["cells_failed"]]
     for table in ("metrics", "train_log", "study", "runs"):
         lines.append(f"  {table:<10} {counts[table]:>7} rows")
     lines.append(f"  files      {counts['files_read']:>7} read, {counts['skipped']} skipped")

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from workflow.common import log, peak_memory_mb, write_json
+from workflow.resources import ensure_train_fits
 
 
 def lr_at(step: int, cfg: dict) -> float:
@@ -51,7 +52,9 @@ def _save_checkpoint(ckpt_dir: Path, model, optimizer, step: int) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_model(model, str(tmp / "model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "step": step}, tmp / "trainer.pt")
+    # Tensors and plain containers only, so that it loads with torch.load(weights_only=True). The RNG
+    # state makes a resumed run draw what the uninterrupted run would have (CLEX samples its scale).
+    torch.save({"optimizer": optimizer.state_dict(), "step": step, "rng": torch.get_rng_state()}, tmp / "trainer.pt")
     old = ckpt_dir.with_name(ckpt_dir.name + ".old")
     shutil.rmtree(old, ignore_errors=True)
     if ckpt_dir.exists():
@@ -66,15 +69,22 @@ def _load_checkpoint(ckpt_dir: Path, model, optimizer) -> int:
     load_model(model, str(ckpt_dir / "model.safetensors"))
     state = torch.load(ckpt_dir / "trainer.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
     return int(state["step"])
 
 
 def _truncate_log(log_path: Path, last_step: int) -> None:
-    """Keep only the log lines of steps already covered by the checkpoint (no duplicates on resume)."""
+    """Keep only the log lines of steps already covered by the checkpoint (no duplicates on resume).
+    A line cut short by a kill is dropped with the other lines after the checkpoint."""
     if not log_path.exists():
         return
-    kept = [line for line in log_path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= last_step]
+    kept = []
+    for line in log_path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= last_step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
     log_path.write_text("".join(k + "\n" for k in kept))
 
 
@@ -92,10 +102,14 @@ def train(model, batch_fn: Callable[[int], torch.Tensor], cfg: dict, work_dir: P
     model.train()
     optimizer = _optimizer(model, cfg)
     start, resumed = 0, None
+    old = ckpt_dir.with_name(ckpt_dir.name + ".old")
+    if not ckpt_dir.exists() and (old / "trainer.pt").exists():  # killed between _save_checkpoint's renames
+        os.replace(old, ckpt_dir)
     if (ckpt_dir / "trainer.pt").exists():
         start = resumed = _load_checkpoint(ckpt_dir, model, optimizer)
         log(f"{label}: resuming from the checkpoint at step {start}")
     _truncate_log(log_path, start)
+    ensure_train_fits(model, batch_fn(start))
 
     steps, tokens_total, losses = cfg["steps"], 0, []
     t_start = time.perf_counter()
