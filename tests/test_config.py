@@ -82,11 +82,25 @@ def test_cell_record_has_config_and_hash():
     ("grid=[{rope: pi, attention: exact, regime: melted, train_len: 512}]", "regime='melted'"),
     ("eval.lengths=[128,-4]", "eval.lengths[1]"),
     ("model.source=hf_dir", "model.path=None"),
+    (("model.source=hf_dir", "model.path=/nonexistent/llama"), "model.path='/nonexistent/llama' is not a Hugging Face"),
+    ("eval.lengths=[128,0]", "eval.lengths[1] must be a positive integer, got 0"),
+    ("eval.lengths=[128,abc]", "eval.lengths[1] must be a positive integer, got 'abc'"),
+    ("eval.lengths=[128,256.5]", "eval.lengths[1] must be a positive integer, got 256.5"),
+    ("grid=[{rope: ntk, attention: exact, regime: frozen, train_len: 512, params: {alpha: 0.5}}]",
+     "alpha must be a number >= 1, got 0.5"),                                       # scale factor below 1
+    ("grid=[{rope: dynamic_ntk, attention: exact, regime: frozen, train_len: 512, params: {factor: 0.5}}]",
+     "factor must be a number >= 1, got 0.5"),
+    ("grid=[{rope: none, attention: landmark, regime: frozen, train_len: base}]", "regime"),  # frozen but needs training
+    ("grid=[{rope: none, attention: exact, regime: finetuned, train_len: base}]", "a fine-tuned cell needs a method"),
+    ("finetune.lr=inf", "finetune.lr must be a positive finite number, got inf"),
+    ("pretrain.schedule=zigzag", "pretrain.schedule='zigzag' is not known; valid: cosine, constant_with_warmup"),
+    ("finetune.checkpoint_every=0", "finetune.checkpoint_every must be a positive integer, got 0"),
+    ("finetune.tokens_per_step=1000", "finetune.tokens_per_step=1000 must be a multiple of grid[1].train_len=512"),
     ("grid=[{rope: yarn, attention: exact, regime: frozen, train_len: 512, params: {beta_quick: 3}}]", "beta_quick"),
 ])
 def test_bad_config_stops_with_a_clear_message(override, message):
     with pytest.raises(ConfigError) as err:
-        expand_grid(compose("tiny", [override]))
+        expand_grid(compose("tiny", list(override) if isinstance(override, tuple) else [override]))
     assert message in str(err.value)
 
 
@@ -120,6 +134,18 @@ def test_dry_run_fails_early_on_bad_config(tmp_path):
                    "train_len: 512}]\"]")
     assert run.returncode != 0
     assert "rope='nope' is not a known method" in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.lengths=[128,-4]", "eval.lengths[1] must be a positive integer, got -4"),
+    ("model.path=/nonexistent/llama", "model.path='/nonexistent/llama' is not a Hugging Face checkpoint"),
+])
+def test_dry_run_fails_before_any_job_on_bad_values(tmp_path, override, message):
+    extra = '"model.source=hf_dir", ' if override.startswith("model.path") else ""
+    run = _dry_run(tmp_path, "--config", f'overrides=[{extra}"{override}"]')
+    assert run.returncode != 0
+    assert message in run.stdout + run.stderr and "rule data:" not in run.stdout
+    assert not (tmp_path / "results").exists()
 
 
 def test_attention_params_are_validated_against_the_attention_kind():

@@ -60,6 +60,8 @@ def test_rerun_is_a_no_op_and_ingest_is_idempotent(study):
     subprocess.run([sys.executable, "-m", "workflow.store", "--study-dir", str(results), "--db",
                     str(results / "metrics.duckdb")], check=True, cwd=REPO, capture_output=True)
     assert counts(results / "metrics.duckdb") == before
+    snakemake(workdir, "report", "--forcerun", "ingest", "--config", "study=micro")   # the workflow's ingest again
+    assert counts(results / "metrics.duckdb") == before
 
 
 def test_a_single_cell_can_be_rerun(study):

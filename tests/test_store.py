@@ -234,3 +234,68 @@ def test_version_1_database_is_migrated_in_place(study, tmp_path):
     assert query(db, "SELECT version FROM schema_info") == [(store.SCHEMA_VERSION,)]
     assert query(db, "SELECT count(*) FROM metrics")[0][0] == before
     assert query(db, "SELECT count(*) FROM metrics WHERE suite IS NULL OR suite <> task") == [(0,)]
+
+
+def test_failed_cell_is_marked_with_its_reason_and_has_no_metrics(study, tmp_path, capsys):
+    db = tmp_path / "metrics.duckdb"
+    store.ingest(study, db, echo=False)
+    cell = "pi-exact-512-ft"   # its old result files stay on disk; they are not valid any more
+    (study / "cells" / cell / "failed.json").write_text(json.dumps({
+        "schema_version": 1, "cell_id": cell, "stage": "finetune", "config_hash": "x",
+        "reason": "FloatingPointError: finetune pi-exact-512-ft: loss became nan at step 7; stopping"}))
+    counts = store.ingest(study, db, echo=False)
+    assert query(db, "SELECT status, status_reason FROM cells WHERE cell_id = ?", [cell]) == [
+        ("failed", "finetune: FloatingPointError: finetune pi-exact-512-ft: loss became nan at step 7; stopping")]
+    assert query(db, "SELECT count(*) FROM metrics WHERE cell_id = ?", [cell]) == [(0,)]
+    assert query(db, "SELECT count(*) FROM train_log WHERE cell_id = ?", [cell]) != [(0,)]   # the curve stays
+    assert counts["cells_failed"] == [(cell, query(db, "SELECT status_reason FROM cells WHERE cell_id = ?",
+                                                   [cell])[0][0])]
+    assert query(db, "SELECT count(*) FROM cells WHERE status = 'ok'") == [(EXPECTED_COUNTS["cells"] - 2,)]
+    assert "1 failed" in store.format_summary(counts, study, db)
+    (study / "cells" / cell / "failed.json").unlink()   # a successful rerun removes the record
+    store.ingest(study, db, echo=False)
+    assert query(db, "SELECT status, status_reason FROM cells WHERE cell_id = ?", [cell]) == [("ok", None)]
+
+
+def test_bad_failure_record_is_skipped_visibly(study, tmp_path, capsys):
+    (study / "cells" / "pi-exact-512-ft" / "failed.json").write_text('{"schema_version": 1, "cell_id": "pi')
+    counts = store.ingest(study, tmp_path / "metrics.duckdb")
+    assert "cells/pi-exact-512-ft/failed.json: invalid JSON" in capsys.readouterr().err
+    assert counts["skipped"] == 1 and counts["cells_failed"] == []
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda o: o.update(schema_version=0), "schema_version 0 is not the supported version 1"),   # older writer
+    (lambda o: o.pop("schema_version"), "missing key(s) schema_version"),
+    (lambda o: o["rows"][0].update(value="12.5"), "rows[0]: value must be a number, found '12.5'"),
+    (lambda o: o["rows"][1].update(eval_len=128.5), "rows[1]: eval_len must be an integer, found 128.5"),
+    (lambda o: o["rows"][2].update(metric=7), "rows[2]: metric must be a string, found 7"),
+    (lambda o: o.update(rows={"eval_len": 128}), "rows must be a non-empty list"),
+    (lambda o: o.update(cell_id="yarn-exact-1024-ft"), "cell_id 'yarn-exact-1024-ft' does not match its cell"),
+    (lambda o: o.update(meta=[1]), "meta must be an object"),
+])
+def test_wrong_types_and_old_schema_versions_are_skipped_and_old_rows_kept(study, tmp_path, capsys, edit,
+                                                                          message):
+    db = tmp_path / "metrics.duckdb"
+    store.ingest(study, db, echo=False)
+    before = snapshot(db, ("metrics",))
+    path = study / "cells" / "pi-exact-512-ft" / "eval" / "ppl.json"
+    obj = json.loads(path.read_text())
+    edit(obj)
+    path.write_text(json.dumps(obj))
+    counts = store.ingest(study, db)
+    assert f"cells/pi-exact-512-ft/eval/ppl.json: {message}" in capsys.readouterr().err
+    assert counts["skipped"] == 1
+    assert snapshot(db, ("metrics",)) == before
+
+
+def test_version_2_database_gains_status_reason_in_place(study, tmp_path):
+    db = tmp_path / "metrics.duckdb"
+    store.ingest(study, db, echo=False)
+    con = duckdb.connect(str(db))
+    con.execute("ALTER TABLE cells DROP COLUMN status_reason")
+    con.execute("UPDATE schema_info SET version = 2")
+    con.close()
+    store.ingest(study, db, echo=False)
+    assert query(db, "SELECT version FROM schema_info") == [(3,)]
+    assert query(db, "SELECT count(*) FROM cells WHERE status_reason IS NULL") == [(EXPECTED_COUNTS["cells"],)]

@@ -81,3 +81,12 @@ def test_batches_are_pure_functions_of_the_step_and_mix_rows():
     fn = pretrain_batches(tokens, 16, 4, seed=3, mixer=EveryOther())
     assert torch.equal(fn(5), fn(5)) and not torch.equal(fn(5), fn(6))
     assert (fn(0)[0] == 7).all() and not (fn(0)[1] == 7).all()
+
+
+def test_training_that_does_not_fit_stops_before_the_first_step(tmp_path, monkeypatch):
+    from workflow import resources
+
+    monkeypatch.setattr(resources, "available_bytes", lambda device="cpu": 1000)
+    with pytest.raises(resources.ResourceError, match=r"training at length 16 \(4 rows a step\) does not fit"):
+        train(tiny_model(), batches(), CFG, tmp_path, "oom")
+    assert not (tmp_path / "train_log.jsonl").read_text()
