@@ -6,12 +6,16 @@
 #   snakemake --cores all report --config overrides='["finetune.steps=50"]'   # Hydra overrides
 #   snakemake -n --cores all report                               # list every job/cell
 import json
+import shlex
 import sys
 
 sys.path.insert(0, workflow.basedir)
 from workflow.config import ConfigError, cell_record, code_version, compose, config_hash, expand_grid, stage_config
 
 shell.executable("/bin/bash")
+# Jobs run `python -m workflow.<stage>` from the working directory: put this checkout first on their
+# path, so they run the code of this Snakefile, not another installed copy of ctxext.
+shell.prefix(f"export PYTHONPATH={shlex.quote(workflow.basedir)}${{{{PYTHONPATH:+:$PYTHONPATH}}}}; ")
 
 try:
     CFG = compose(config.get("study"), config.get("overrides", []))
