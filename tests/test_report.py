@@ -7,7 +7,8 @@ from html.parser import HTMLParser
 
 import duckdb
 import pytest
-from results_fixture import HOSTILE, HOSTILE_CELL, MISSING_CELL, PPL, build_study
+from results_fixture import (ABSENT_CELL, HOSTILE, HOSTILE_CELL, MISSING_CELL, PPL, RULER_CELLS, RULER_LENGTHS,
+                             RULER_TASKS, build_study, ruler_score)
 
 from workflow import report, store
 
@@ -29,6 +30,7 @@ class TableCells(HTMLParser):
     def __init__(self, section_id):
         super().__init__()
         self.section_id, self.state, self.rows, self.cell = section_id, "before", [], None
+        self.in_ci = False  # the small confidence-interval line under a value is not part of its text
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -40,6 +42,8 @@ class TableCells(HTMLParser):
             self.rows.append([])
         elif self.state == "table" and tag == "td":
             self.cell = [attrs.get("class") or "", ""]
+        elif tag == "span" and attrs.get("class") == "ci":
+            self.in_ci = True
 
     def handle_endtag(self, tag):
         if self.state == "table" and tag == "td":
@@ -47,9 +51,11 @@ class TableCells(HTMLParser):
             self.cell = None
         elif self.state == "table" and tag == "table":
             self.state = "done"
+        elif tag == "span":
+            self.in_ci = False
 
     def handle_data(self, data):
-        if self.cell is not None:
+        if self.cell is not None and not self.in_ci:
             self.cell[1] += data
 
 
@@ -72,15 +78,18 @@ def table_rows(html, section_id):
 
 def test_every_cell_appears_and_missing_is_marked(rendered):
     html, _ = rendered
-    for cell_id in [*PPL, MISSING_CELL, HOSTILE_CELL]:
+    for cell_id in [*PPL, MISSING_CELL, HOSTILE_CELL, ABSENT_CELL]:
         assert escape(cell_id) in html
     rows = table_rows(html, "perplexity")
-    by_id = {unescape(r[0][1]).split(" missing")[0]: r for r in rows}
-    assert set(by_id) == {*PPL, MISSING_CELL, HOSTILE_CELL}
-    assert by_id[MISSING_CELL][0][1].endswith("missing")
+    by_id = {re.sub(r" (missing results|no cell record)$", "", unescape(r[0][1])): r for r in rows}
+    assert set(by_id) == {*PPL, MISSING_CELL, HOSTILE_CELL, ABSENT_CELL}
+    assert by_id[MISSING_CELL][0][1].endswith("missing results")
+    assert by_id[ABSENT_CELL][0][1].endswith("no cell record")  # expected by study.json, never produced
     assert all(text == "—" for _, text in by_id[MISSING_CELL][4:])
-    assert re.search(r'<tr class="missing">\s*<td class="cell-id">ntk-exact-512-ft '
-                     r'<span class="badge">missing</span>', html)
+    for cell_id, status in ((MISSING_CELL, "missing results"), (ABSENT_CELL, "no cell record")):
+        assert re.search(rf'<tr class="missing">\s*<td class="cell-id">{cell_id} '
+                         rf'<span class="badge">{status}</span>', html)
+    assert "2 without results" in html
 
 
 def test_best_value_per_perplexity_column_is_marked(rendered):
@@ -97,7 +106,7 @@ def test_best_value_per_perplexity_column_is_marked(rendered):
         assert values, col
         for cell, (value, marked) in values.items():
             assert marked == (value == best), (col, cell)
-    assert re.search(r'<td class="num beyond best"[^>]*><strong>152</strong></td>', html)
+    assert re.search(r'<td class="num beyond best"[^>]*><strong>152</strong><span class="ci">147–157</span></td>', html)
 
 
 def test_training_length_and_beyond_are_marked(rendered):
@@ -151,7 +160,7 @@ def test_title_block_and_appendix(rendered):
     html, _ = rendered
     assert "A share of 15% of pretraining and fine-tuning rows are" in html
     assert "1.41M parameters" in html and "4 layers" in html and "base window 256 tokens" in html
-    assert "5 cells (4 fine-tuned, 1 frozen)" in html
+    assert "6 cells (4 fine-tuned, 1 frozen;" in html
     assert "abc1234" in html
     assert "… 200 items in all" in html  # long manifest lists are abbreviated
     assert "Kendall τ" in html
@@ -163,12 +172,12 @@ def test_report_opens_database_read_only(rendered, tmp_path, monkeypatch):
     real = duckdb.connect
 
     def spy(path, *args, **kwargs):
-        seen.append(kwargs.get("read_only"))
+        seen.append((str(path), kwargs.get("read_only")))
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(report.duckdb, "connect", spy)
     report.render_report(db, tmp_path / "r.html")
-    assert seen == [True]
+    assert seen == [(str(db), True), (":memory:", None)]  # the second one writes the exports
 
 
 def test_empty_study_and_missing_db(tmp_path, capsys):
@@ -189,9 +198,11 @@ def test_scales_and_helpers():
     y = report.Scale(10, 10000, 300, 0, "log10")
     assert [label for _, label in y.ticks()] == ["10", "100", "1,000", "10,000"]
     assert [label for _, label in report.Scale(0, 1, 0, 1).ticks()][:3] == ["0", "0.2", "0.4"]
-    assert report.kendall_tau([1, 2, 3], [3, 2, 1]) == -1
-    assert report.kendall_tau([1, 2, 3], [1, 2, 3]) == 1
-    assert report.accuracy_color(0) == "#d73027" and report.accuracy_color(1) == "#1a9850"
+    assert report.kendall([1, 2, 3, 4], [4, 3, 2, 1])[0] == -1
+    assert report.kendall([1, 2, 3], [1, 2, 3])[0] == 1
+    assert report.kendall([1, 2], [1, 2]) == (None, None) and report.kendall([1, 2, 3], [5, 5, 5]) == (None, None)
+    assert report.accuracy_color(0) == "#440154" and report.accuracy_color(1) == "#fde725"
+    assert report.accuracy_color(0.5) == "#21918c"
     assert report.fmt_num(27.46) == "27.5" and report.fmt_num(3.4e5) == "340,000"
     assert set(report.load_queries()) >= {"cells", "length_values", "retrieval_grid", "runs"}
     nested = {"b": [1, 2], "a": {"c": [{"d": None}], "e": ["x" * 60] * 3}, "f": []}
