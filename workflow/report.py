@@ -523,7 +523,8 @@ def _load_cells(db: Db, expected: list[str], methods: dict) -> list[dict]:
                                  if d and name not in ("none", "exact")) or (rope.get("changes", "—"))
         c["params_added"] = ", ".join(sorted({d.get("params_added", "none") for d in (rope, attn)} - {"none"})) \
             or ("none" if known else "—")
-        c["spec"] = ", ".join(dict.fromkeys(d["spec"] for d in (rope, attn) if d.get("spec"))) or "—"
+        c["spec"] = ", ".join(d["spec"] for d, name in ((rope, c["rope"]), (attn, c["attention"]))
+                              if d and name not in ("none", "exact")) or rope.get("spec", "—")
         c["params"] = compact_params({**(_json(c["method_params"]) or {}), **(_json(c["attention_params"]) or {})})
         c["scale"] = fmt_num(c["train_len"] / c["base_window"]) if c["base_window"] and c["train_len"] else "—"
         c["hash"] = (c["config_hash"] or "—")[:12]
@@ -862,8 +863,7 @@ def reference_section(cells: list[dict], ev: Evidence, downstream: dict, paper: 
                      "ref": {k: "—" if ref.get(k) is None else f"{ref[k]:g}" for k in paper["overview_columns"]},
                      "ours": ours})
     return {"rows": rows, "columns": paper["overview_columns"], "study": paper["study"],
-            "ours_columns": [f"perplexity @{fmt_len(ev.longest)}" if ev.longest else "perplexity",
-                             *(f"{name} (mean)" for name in downstream)]}
+            "ours_columns": [f"ppl @{fmt_len(ev.longest)}" if ev.longest else "ppl", *downstream]}
 
 
 PACKAGES = ("torch", "transformers", "lm-eval", "snakemake", "hydra-core", "duckdb", "jinja2", "scipy", "numpy")
