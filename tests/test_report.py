@@ -273,6 +273,8 @@ def test_reference_column_and_claims_scoreboard(rendered):
     assert sorted(verdicts) == list(range(1, 8))
     assert all(v in ("supported", "not supported", "not testable") for v, _ in verdicts.values())
     assert verdicts[5][0] == verdicts[7][0] == "not testable"
+    # claim 1: every tau is negative but, over 3-4 cells, none is significant: neither confirmed nor refuted
+    assert verdicts[1][0] == "not testable" and "not significant at p < 0.05" in verdicts[1][1]
     # claim 6: base 31.0 at 128 tokens, fine-tuned 30.2 (pi) and 29.6 (yarn, and the hostile copy): all better
     assert verdicts[6] == ("not supported", "at 128 tokens the base reaches 31; 0 of 3 fine-tuned cells are "
                                             "worse (29.6 to 30.2)")

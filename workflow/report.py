@@ -598,8 +598,12 @@ def rule_ppl_tracks_downstream(ev: Evidence, corr: list[dict]):
     if not usable:
         return "not testable", "; ".join(f"{c['score']}: {c['note']}" for c in corr) or "no downstream scores", []
     text = "; ".join(f"{c['score']}: τ = {c['tau']:+.2f}, p = {c['p']:.3f} over {c['n']} cells" for c in usable)
-    ok = all(c["tau"] < 0 and c["p"] < 0.05 for c in usable)
-    return ("supported" if ok else "not supported"), text, sorted({x for c in usable for x in c["cells"]})
+    cited = sorted({x for c in usable for x in c["cells"]})
+    if any(c["tau"] >= 0 for c in usable):  # the direction itself disagrees
+        return "not supported", text, cited
+    if all(c["p"] < 0.05 for c in usable):
+        return "supported", text, cited
+    return "not testable", text + " (negative, but not significant at p < 0.05 with this few cells)", cited
 
 
 def rule_approximate_underperforms(ev: Evidence, corr):
@@ -706,7 +710,7 @@ def findings(ev: Evidence, corr: list[dict], claims: list[dict], retrieval: dict
         cited = list(winners)
         if ev.base_cell in at_longest and ev.base_cell not in winners:
             text += (f"; the unmodified base model reaches {fmt_num(at_longest[ev.base_cell])} "
-                     f"({at_longest[ev.base_cell] / best:.1f}× higher)")
+                     f"({fmt_num(at_longest[ev.base_cell] / best)}× higher)")
             cited.append(ev.base_cell)
         out.append({"text": text + ".", "cells": cited})
     ratios = {c["cell_id"]: r for c in ev.of(lambda c: c["regime"] == "finetuned") if (r := _ratio_beyond(ev, c))}
@@ -745,8 +749,9 @@ def findings(ev: Evidence, corr: list[dict], claims: list[dict], retrieval: dict
             "cells": sorted({x for c in against for x in c["cells"]})})
     absent = [c for c in ev.cells if not c["ok"]]
     if absent:
-        out.insert(0, {"text": f"{len(absent)} expected cell{'s are' if len(absent) > 1 else ' is'} not reported "
-                               "because it has no results: " + ", ".join(f"{c['cell_id']} ({c['status']})"
+        several = len(absent) > 1
+        out.insert(0, {"text": f"{len(absent)} expected cell{'s are' if several else ' is'} not reported "
+                               f"because {'they have' if several else 'it has'} no results: " + ", ".join(f"{c['cell_id']} ({c['status']})"
                                                                        for c in absent) + ".",
                        "cells": [c["cell_id"] for c in absent]})
     return out[:6]
