@@ -5,6 +5,7 @@
 #   snakemake --cores all report --config study=micro             # another study
 #   snakemake --cores all report --config overrides='["finetune.steps=50"]'   # Hydra overrides
 #   snakemake -n --cores all report                               # list every job/cell
+#   snakemake --cores all publish --config publish_dir=site       # copy report + tables + DB to site/<study>/
 import json
 import shlex
 import sys
@@ -52,6 +53,7 @@ include: "workflow/rules/finetune.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/store.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/publish.smk"
 
 
 rule all:

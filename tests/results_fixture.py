@@ -20,6 +20,10 @@ PPL = {
     "yarn-exact-1024-ft": [29.6, 25.1, 22.4, 20.7, 36.0, 152.0],
 }
 MISSING_CELL = "ntk-exact-512-ft"  # has cell.json and a train log, no eval files
+ABSENT_CELL = "clex-exact-1024-ft"  # listed in study.json's cells, never written at all
+RULER_TASKS = ["niah_single_1", "vt", "cwe"]
+RULER_LENGTHS = [256, 512, 1024]
+RULER_CELLS = ["none-exact-256-frozen", "pi-exact-512-ft", "yarn-exact-1024-ft"]
 
 
 def _write(path: Path, obj) -> None:
@@ -79,12 +83,26 @@ def retrieval_eval(cell_id: str, task: str, reach: int) -> dict:
             "meta": {"wall_s": 5.0, "peak_mem_mb": 650.0, "threads": 1}}
 
 
+def ruler_score(task_index: int, length: int, reach: int) -> float:
+    """A RULER-style task score: high up to `reach` tokens, low beyond it."""
+    return round((1.0 - 0.1 * task_index) if length <= reach else 0.1 / (task_index + 1), 4)
+
+
+def ruler_eval(cell_id: str, reach: int, tasks: list[str]) -> dict:
+    """Suite `ruler`: one row per (task, length), each naming its task."""
+    rows = [{"task": task, "eval_len": length, "metric": "accuracy", "value": ruler_score(i, length, reach),
+             "n": 8} for i, task in enumerate(tasks) for length in RULER_LENGTHS]
+    return {"schema_version": 1, "cell_id": cell_id, "task": "ruler", "rows": rows,
+            "meta": {"wall_s": 7.0, "peak_mem_mb": 600.0, "threads": 1}}
+
+
 def build_study(root: Path, name: str = "fixture", hostile: bool = False) -> Path:
     """Write a fake results/<study>/ tree under root and return its path.
 
     Cells: the frozen base (none-exact-256-frozen), pi-exact-512-ft, yarn-exact-1024-ft (all with
-    ppl/passkey/needle results) and ntk-exact-512-ft (cell.json and train log, no results). With
-    hostile=True the study name, a config value and one extra cell id carry HTML."""
+    ppl/passkey/needle results; the three also have a `ruler` suite) and ntk-exact-512-ft (cell.json
+    and train log, no results); study.json also expects clex-exact-1024-ft, which has nothing. With
+    hostile=True the study name, a config value, one extra cell id and a ruler task name carry HTML."""
     study_dir = Path(root) / name
     study_name = HOSTILE if hostile else name
     manifest = {
@@ -104,7 +122,9 @@ def build_study(root: Path, name: str = "fixture", hostile: bool = False) -> Pat
         "train_lens": [512, 1024], "eval_lengths": EVAL_LENGTHS,
         "model": {"architecture": "LlamaForCausalLM", "n_params": 1_412_352, "hidden_size": 128,
                   "num_hidden_layers": 4, "num_attention_heads": 4, "vocab_size": 4096},
-        "data": manifest, "config": config, "code_version": "abc1234"})
+        "data": manifest, "config": config, "code_version": "abc1234",
+        "cells": ["none-exact-256-frozen", "pi-exact-512-ft", "yarn-exact-1024-ft", MISSING_CELL, ABSENT_CELL]
+        + ([HOSTILE_CELL] if hostile else [])})
     _write(study_dir / "data" / "manifest.json", manifest)
     _train_log(study_dir / "base" / "train_log.jsonl", 60, 8.0, 3.4)
     _write(study_dir / "base" / "train_summary.json", _summary(60, 300.0))
@@ -128,12 +148,16 @@ def build_study(root: Path, name: str = "fixture", hostile: bool = False) -> Pat
         _write(cell_dir / "eval" / "ppl.json", ppl_eval(cell_id, values))
         _write(cell_dir / "eval" / "passkey.json", retrieval_eval(cell_id, "passkey", reach))
         _write(cell_dir / "eval" / "needle.json", retrieval_eval(cell_id, "needle", reach // 2))
+        if cell_id in RULER_CELLS:
+            tasks = RULER_TASKS + ([HOSTILE] if hostile else [])
+            _write(cell_dir / "eval" / "ruler.json", ruler_eval(cell_id, reach, tasks))
     return study_dir
 
 
 # Rows the store must hold for build_study(hostile=False).
 EXPECTED_COUNTS = {
     "cells": 4,
-    "metrics": 3 * (2 * len(EVAL_LENGTHS) + 2 * len(RETRIEVAL_LENGTHS) * len(DEPTHS)),
+    "metrics": 3 * (2 * len(EVAL_LENGTHS) + 2 * len(RETRIEVAL_LENGTHS) * len(DEPTHS)
+                    + len(RULER_TASKS) * len(RULER_LENGTHS)),
     "train_log": 60 + 3 * 30,
 }

@@ -1,13 +1,16 @@
 """The report stage: a self-contained, escaped HTML report computed from the database."""
 import json
 import re
+import shutil
+import subprocess
 import xml.etree.ElementTree as ET
 from html import escape, unescape
 from html.parser import HTMLParser
 
 import duckdb
 import pytest
-from results_fixture import HOSTILE, HOSTILE_CELL, MISSING_CELL, PPL, build_study
+from results_fixture import (ABSENT_CELL, HOSTILE, HOSTILE_CELL, MISSING_CELL, PPL, RULER_CELLS, RULER_LENGTHS,
+                             RULER_TASKS, build_study, ruler_score)
 
 from workflow import report, store
 
@@ -29,6 +32,7 @@ class TableCells(HTMLParser):
     def __init__(self, section_id):
         super().__init__()
         self.section_id, self.state, self.rows, self.cell = section_id, "before", [], None
+        self.in_ci = False  # the small confidence-interval line under a value is not part of its text
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -40,6 +44,8 @@ class TableCells(HTMLParser):
             self.rows.append([])
         elif self.state == "table" and tag == "td":
             self.cell = [attrs.get("class") or "", ""]
+        elif tag == "span" and attrs.get("class") == "ci":
+            self.in_ci = True
 
     def handle_endtag(self, tag):
         if self.state == "table" and tag == "td":
@@ -47,9 +53,11 @@ class TableCells(HTMLParser):
             self.cell = None
         elif self.state == "table" and tag == "table":
             self.state = "done"
+        elif tag == "span":
+            self.in_ci = False
 
     def handle_data(self, data):
-        if self.cell is not None:
+        if self.cell is not None and not self.in_ci:
             self.cell[1] += data
 
 
@@ -72,15 +80,18 @@ def table_rows(html, section_id):
 
 def test_every_cell_appears_and_missing_is_marked(rendered):
     html, _ = rendered
-    for cell_id in [*PPL, MISSING_CELL, HOSTILE_CELL]:
+    for cell_id in [*PPL, MISSING_CELL, HOSTILE_CELL, ABSENT_CELL]:
         assert escape(cell_id) in html
     rows = table_rows(html, "perplexity")
-    by_id = {unescape(r[0][1]).split(" missing")[0]: r for r in rows}
-    assert set(by_id) == {*PPL, MISSING_CELL, HOSTILE_CELL}
-    assert by_id[MISSING_CELL][0][1].endswith("missing")
+    by_id = {re.sub(r" (missing results|no cell record)$", "", unescape(r[0][1])): r for r in rows}
+    assert set(by_id) == {*PPL, MISSING_CELL, HOSTILE_CELL, ABSENT_CELL}
+    assert by_id[MISSING_CELL][0][1].endswith("missing results")
+    assert by_id[ABSENT_CELL][0][1].endswith("no cell record")  # expected by study.json, never produced
     assert all(text == "—" for _, text in by_id[MISSING_CELL][4:])
-    assert re.search(r'<tr class="missing">\s*<td class="cell-id">ntk-exact-512-ft '
-                     r'<span class="badge">missing</span>', html)
+    for cell_id, status in ((MISSING_CELL, "missing results"), (ABSENT_CELL, "no cell record")):
+        assert re.search(rf'<tr class="missing">\s*<td class="cell-id">{cell_id} '
+                         rf'<span class="badge">{status}</span>', html)
+    assert "2 without results" in html
 
 
 def test_best_value_per_perplexity_column_is_marked(rendered):
@@ -97,7 +108,7 @@ def test_best_value_per_perplexity_column_is_marked(rendered):
         assert values, col
         for cell, (value, marked) in values.items():
             assert marked == (value == best), (col, cell)
-    assert re.search(r'<td class="num beyond best"[^>]*><strong>152</strong></td>', html)
+    assert re.search(r'<td class="num beyond best"[^>]*><strong>152</strong><span class="ci">147–157</span></td>', html)
 
 
 def test_training_length_and_beyond_are_marked(rendered):
@@ -151,7 +162,7 @@ def test_title_block_and_appendix(rendered):
     html, _ = rendered
     assert "A share of 15% of pretraining and fine-tuning rows are" in html
     assert "1.41M parameters" in html and "4 layers" in html and "base window 256 tokens" in html
-    assert "5 cells (4 fine-tuned, 1 frozen)" in html
+    assert "6 cells (4 fine-tuned, 1 frozen;" in html
     assert "abc1234" in html
     assert "… 200 items in all" in html  # long manifest lists are abbreviated
     assert "Kendall τ" in html
@@ -163,12 +174,12 @@ def test_report_opens_database_read_only(rendered, tmp_path, monkeypatch):
     real = duckdb.connect
 
     def spy(path, *args, **kwargs):
-        seen.append(kwargs.get("read_only"))
+        seen.append((str(path), kwargs.get("read_only")))
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(report.duckdb, "connect", spy)
     report.render_report(db, tmp_path / "r.html")
-    assert seen == [True]
+    assert seen == [(str(db), True), (":memory:", None)]  # the second one writes the exports
 
 
 def test_empty_study_and_missing_db(tmp_path, capsys):
@@ -189,11 +200,160 @@ def test_scales_and_helpers():
     y = report.Scale(10, 10000, 300, 0, "log10")
     assert [label for _, label in y.ticks()] == ["10", "100", "1,000", "10,000"]
     assert [label for _, label in report.Scale(0, 1, 0, 1).ticks()][:3] == ["0", "0.2", "0.4"]
-    assert report.kendall_tau([1, 2, 3], [3, 2, 1]) == -1
-    assert report.kendall_tau([1, 2, 3], [1, 2, 3]) == 1
-    assert report.accuracy_color(0) == "#d73027" and report.accuracy_color(1) == "#1a9850"
+    assert report.kendall([1, 2, 3, 4], [4, 3, 2, 1])[0] == -1
+    assert report.kendall([1, 2, 3], [1, 2, 3])[0] == 1
+    assert report.kendall([1, 2], [1, 2]) == (None, None) and report.kendall([1, 2, 3], [5, 5, 5]) == (None, None)
+    assert report.accuracy_color(0) == "#440154" and report.accuracy_color(1) == "#fde725"
+    assert report.accuracy_color(0.5) == "#21918c"
     assert report.fmt_num(27.46) == "27.5" and report.fmt_num(3.4e5) == "340,000"
     assert set(report.load_queries()) >= {"cells", "length_values", "retrieval_grid", "runs"}
     nested = {"b": [1, 2], "a": {"c": [{"d": None}], "e": ["x" * 60] * 3}, "f": []}
     assert json.loads(report.pretty(nested)) == nested
     assert '"b": [1, 2]' in report.pretty(nested)
+
+
+def section_tables(html, section_id):
+    """Every table inside one <section id=...>, each as rows of (class, text)."""
+    body = re.search(rf'<section id="{section_id}">(.*?)</section>', html, flags=re.S).group(1)
+    tables = re.findall(r"<table\b.*?</table>", body, flags=re.S)
+    out = []
+    for t in tables:
+        parser = TableCells("x")
+        parser.feed(f'<div id="x"></div>{t}')
+        out.append([r for r in parser.rows if r])
+    return out
+
+
+REACH = {"none-exact-256-frozen": 256, "pi-exact-512-ft": 512, "yarn-exact-1024-ft": 1024}
+
+
+def test_task_suite_tables_average_and_per_task(rendered):
+    html, _ = rendered
+    tasks = RULER_TASKS + [HOSTILE]  # the hostile fixture adds a task named <script>...
+    tables = section_tables(html, "tasks")
+    assert len(tables) == 1 + len(tasks)  # the average, then one table per task
+    average = {unescape(r[0][1]).split(" ")[0]: r for r in tables[0]}
+    for cell in RULER_CELLS:
+        texts = [text for _, text in average[cell][4:]]
+        expected = [f"{100 * sum(ruler_score(i, n, REACH[cell]) for i in range(len(tasks))) / len(tasks):.1f}"
+                    for n in RULER_LENGTHS]
+        assert texts == expected, cell
+    assert all(text == "—" for _, text in average[MISSING_CELL][4:])
+    vt = {r[0][1].split(" ")[0]: r for r in tables[1 + sorted(tasks).index("vt")]}  # per-task tables sorted by name
+    assert vt["pi-exact-512-ft"][4][1] == f"{100 * ruler_score(1, 256, 512):.1f}"
+    assert "ruler / " + escape(HOSTILE) in html  # the hostile task name, escaped, in its table caption
+
+
+def test_correlation_is_kendall_with_p_beside_the_paper(rendered):
+    html, db = rendered
+    con = duckdb.connect(str(db), read_only=True)
+    ppl = dict(con.execute("SELECT cell_id, value FROM metrics WHERE task = 'ppl' AND metric = 'ppl' AND "
+                           "eval_len = (SELECT max(eval_len) FROM metrics WHERE task = 'ppl')").fetchall())
+    ruler = dict(con.execute("SELECT cell_id, avg(value) FROM metrics WHERE suite = 'ruler' GROUP BY cell_id").fetchall())
+    con.close()
+    from scipy.stats import kendalltau
+    common = sorted(set(ppl) & set(ruler))
+    expected = kendalltau([ppl[c] for c in common], [ruler[c] for c in common])
+    rows = {r[0][1]: [t for _, t in r] for r in section_tables(html, "correlation")[0]}
+    assert set(rows) == {"passkey", "needle", "ruler"}
+    assert rows["ruler"][1:4] == [str(len(common)), f"{expected.statistic:+.2f}", f"{expected.pvalue:.3f}"]
+    assert rows["ruler"][4:7] == ["RULER", "-0.7191", "0.0041"]  # the reference study's values
+    assert rows["needle"][4:7] == ["Needle", "-0.7191", "0.0041"] and rows["passkey"][4] == "—"
+
+
+def test_reference_column_and_claims_scoreboard(rendered):
+    html, _ = rendered
+    reference, claims = section_tables(html, "reference")
+    by_cell = {r[0][1].split(" ")[0]: [t for _, t in r] for r in reference}
+    assert by_cell["pi-exact-512-ft"][-5:] == ["PI", "5.95", "42.1", "57.66", "33.48"]
+    assert by_cell["none-exact-256-frozen"][-5] == "LLaMA2 (4k)"
+    assert by_cell[MISSING_CELL][-5:] == ["—"] * 5  # static NTK has no counterpart in the paper
+    assert "published numbers of the reference study" in html
+    verdicts = {int(r[0][1]): (r[3][1], r[4][1]) for r in claims}
+    assert sorted(verdicts) == list(range(1, 8))
+    assert all(v in ("supported", "not supported", "not testable") for v, _ in verdicts.values())
+    assert verdicts[5][0] == verdicts[7][0] == "not testable"
+    # claim 1: every tau is negative but, over 3-4 cells, none is significant: neither confirmed nor refuted
+    assert verdicts[1][0] == "not testable" and "not significant at p < 0.05" in verdicts[1][1]
+    # claim 6: base 31.0 at 128 tokens, fine-tuned 30.2 (pi) and 29.6 (yarn, and the hostile copy): all better
+    assert verdicts[6] == ("not supported", "at 128 tokens the base reaches 31; 0 of 3 fine-tuned cells are "
+                                            "worse (29.6 to 30.2)")
+    # claim 3: pi 61.0/22.9 = 2.66x and yarn 36.0/20.7 = 1.74x one length beyond training; both beat the base
+    assert verdicts[3][0] == "supported" and "3 of 3 cells beat the base" in verdicts[3][1]
+
+
+def test_findings_cite_cells_and_name_absent_ones(rendered):
+    html, _ = rendered
+    items = re.findall(r'<ul class="findings">(.*?)</ul>', html, flags=re.S)[0].split("<li>")[1:]
+    assert 4 <= len(items) <= 6
+    assert all("Cells: <code>" in item for item in items)
+    assert ABSENT_CELL in items[0] and "no cell record" in items[0] and MISSING_CELL in items[0]
+    assert any("lowest perplexity is 152" in item for item in items)
+    contradict = [i for i in items if i.startswith("The data contradict the reference study on")]
+    assert contradict and "claim 6" in contradict[0]
+
+
+def test_provenance_has_config_and_rerun_command_per_cell(rendered):
+    html, _ = rendered
+    assert html.count('<details class="cell-config">') == 6
+    assert ("snakemake results/" + escape(HOSTILE) + "/cells/pi-exact-512-ft/eval/ppl.json --cores all "
+            "--forcerun finetune evaluate") in html
+    assert "--forcerun evaluate --config" in html  # the frozen base is only re-evaluated
+    assert f"{95:064x}" in html  # a data split's hash
+    assert "transformers" in html and "Database schema version" in html
+
+
+def test_exports_hold_the_report_tables(rendered):
+    html, db = rendered
+    folder = db.parent / report.EXPORT_DIR
+    names = {p.name for p in folder.iterdir()}
+    for table in ("cells", "perplexity", "retrieval_passkey", "retrieval_needle", "suite_ruler_accuracy",
+                  "correlation", "claims", "efficiency"):
+        assert {f"{table}.csv", f"{table}.parquet"} <= names, table
+    con = duckdb.connect(str(db), read_only=True)
+    n_ppl = con.execute("SELECT count(*) FROM metrics WHERE task = 'ppl' AND metric = 'ppl'").fetchone()[0]
+    assert con.execute(f"SELECT count(*) FROM '{folder / 'perplexity.parquet'}'").fetchone()[0] == n_ppl
+    assert con.execute(f"SELECT count(*) FROM read_csv('{folder / 'perplexity.csv'}')").fetchone()[0] == n_ppl
+    assert con.execute(f"SELECT count(*) FROM '{folder / 'claims.parquet'}'").fetchone()[0] == 7
+    cells = con.execute(f"SELECT cell_id, status FROM '{folder / 'cells.parquet'}'").fetchall()
+    con.close()
+    assert (ABSENT_CELL, "no cell record") in cells and (HOSTILE_CELL, "ok") in cells
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Injected into a copy of the report only (the report itself has no scripts): after layout, record the
+# rendered size of every SVG figure and every uncaught error on <body> for --dump-dom to show.
+PROBE = """<script>
+window.addEventListener("error", e => document.body.setAttribute("data-errors", (document.body.getAttribute("data-errors") || "") + e.message + ";"));
+window.addEventListener("load", () => {
+  const sizes = [...document.querySelectorAll("svg.chart")].map(s => { const r = s.getBoundingClientRect();
+    return Math.round(r.width) + "x" + Math.round(r.height); });
+  document.body.setAttribute("data-svg-sizes", sizes.join(","));
+});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless browser test needs Debian's chromium package "
+                                              "(apt-get install chromium); not installed here")
+def test_report_in_headless_chromium(rendered, tmp_path):
+    html, _ = rendered
+    page = tmp_path / "report.html"
+    page.write_text(html)
+    probed = tmp_path / "probed.html"
+    probed.write_text(html.replace("</body>", PROBE + "</body>"))
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+             "--enable-logging=stderr", "--v=0", "--window-size=1280,3000"]
+    shot = tmp_path / "report.png"
+    run = subprocess.run([*flags, f"--screenshot={shot}", page.as_uri()], capture_output=True, text=True,
+                         timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000, run.stderr[-2000:]
+    assert "CONSOLE" not in run.stderr, run.stderr  # no console message: no errors, no blocked loads
+    dom = subprocess.run([*flags, "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120)
+    body = re.search(r"<body([^>]*)>", dom.stdout).group(1)
+    assert "data-errors" not in body, body
+    sizes = re.search(r'data-svg-sizes="([^"]*)"', body).group(1).split(",")
+    assert len(sizes) == len(re.findall(r'<svg class="chart"', html)) > 0
+    for size in sizes:
+        width, height = map(int, size.split("x"))
+        assert width > 0 and height > 0, sizes
+    print(f"screenshot: {shot}")

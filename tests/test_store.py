@@ -47,9 +47,9 @@ def test_ingest_creates_tables_with_expected_rows(study, tmp_path):
     keys = {k for (k,) in query(db, "SELECT key FROM study")}
     assert {"name", "base_window", "eval_lengths", "model", "data", "config", "code_version",
             "manifest", "base_train", "total_compute_s"} <= keys
-    # pretraining 300 s + fine-tuning (131.2 + 131.2 + 182.4 s) + evaluation 3 cells x (12 + 5 + 5) s
+    # pretraining 300 s + fine-tuning (131.2 + 131.2 + 182.4 s) + evaluation 3 cells x (12 + 5 + 5 + 7 ruler) s
     total = json.loads(query(db, "SELECT value FROM study WHERE key = 'total_compute_s'")[0][0])
-    assert total == pytest.approx(300 + 131.2 * 2 + 182.4 + 3 * 22)
+    assert total == pytest.approx(300 + 131.2 * 2 + 182.4 + 3 * 29)
     frozen = query(db, "SELECT train_wall_s, regime FROM cells WHERE cell_id = 'none-exact-256-frozen'")
     assert frozen == [(None, "frozen")]
     src = query(db, "SELECT DISTINCT source FROM metrics WHERE cell_id = 'pi-exact-512-ft' AND task = 'ppl'")
@@ -113,8 +113,8 @@ def test_unknown_schema_version_and_missing_keys_are_skipped(study, tmp_path, ca
     assert counts["skipped"] == 2
     assert "passkey.json: schema_version 999" in err
     assert "needle.json: rows[3]: missing key(s) value" in err
-    tasks = query(db, "SELECT DISTINCT task FROM metrics WHERE cell_id = 'yarn-exact-1024-ft'")
-    assert tasks == [("ppl",)]
+    suites = query(db, "SELECT DISTINCT suite FROM metrics WHERE cell_id = 'yarn-exact-1024-ft' ORDER BY suite")
+    assert suites == [("ppl",), ("ruler",)]
 
 
 def test_corrupt_cell_json_skips_the_cell(study, tmp_path, capsys):
@@ -223,6 +223,8 @@ def test_bad_row_task_skips_the_file(study, tmp_path, capsys):
 
 
 def test_version_1_database_is_migrated_in_place(study, tmp_path):
+    for path in study.glob("cells/*/eval/ruler.json"):  # schema 1 had no per-row task names
+        path.unlink()
     db = tmp_path / "metrics.duckdb"
     store.ingest(study, db, echo=False)
     con = duckdb.connect(str(db))

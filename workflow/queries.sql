@@ -22,8 +22,10 @@ WHERE task = ? AND metric = ? AND depth IS NULL
 ORDER BY cell_id, eval_len;
 
 -- name: retrieval_tasks
--- Tasks measured on a length x depth grid.
-SELECT DISTINCT task FROM metrics WHERE metric = ? AND depth IS NOT NULL ORDER BY task;
+-- Suites measured on a length x depth grid whose rows are the suite itself (passkey, needle).
+SELECT DISTINCT task FROM metrics
+WHERE metric = ? AND depth IS NOT NULL AND task = suite
+ORDER BY task;
 
 -- name: retrieval_grid
 SELECT cell_id, eval_len, depth, value, n
@@ -48,6 +50,42 @@ FROM metrics
 WHERE task = ? AND metric = ? AND depth IS NOT NULL
 GROUP BY cell_id;
 
+-- name: task_suites
+-- Every other suite (RULER-style, lm-eval ...): one entry per (suite, metric).
+SELECT suite, metric, count(DISTINCT task) AS n_tasks
+FROM metrics
+WHERE suite NOT IN ('ppl', 'passkey', 'needle')
+GROUP BY suite, metric
+ORDER BY suite, metric;
+
+-- name: suite_by_task
+-- Per (cell, task, eval_len) of one suite and metric: mean over depths (weighted by samples), with
+-- the interval when the row is a single measurement.
+SELECT cell_id, task, eval_len,
+       sum(value * coalesce(n, 1)) / sum(coalesce(n, 1)) AS value, sum(n) AS n,
+       CASE WHEN count(*) = 1 THEN min(ci_low) END AS ci_low,
+       CASE WHEN count(*) = 1 THEN min(ci_high) END AS ci_high
+FROM metrics
+WHERE suite = ? AND metric = ?
+GROUP BY cell_id, task, eval_len
+ORDER BY task, cell_id, eval_len;
+
+-- name: suite_average
+-- Per (cell, eval_len): the unweighted mean over the suite's tasks (as RULER reports its average).
+SELECT cell_id, eval_len, avg(value) AS value, count(*) AS n_tasks, NULL AS n, NULL AS ci_low, NULL AS ci_high
+FROM (SELECT cell_id, task, eval_len, sum(value * coalesce(n, 1)) / sum(coalesce(n, 1)) AS value
+      FROM metrics WHERE suite = ? AND metric = ?
+      GROUP BY cell_id, task, eval_len)
+GROUP BY cell_id, eval_len
+ORDER BY cell_id, eval_len;
+
+-- name: suite_mean
+-- Per cell: the mean over tasks and lengths of one suite and metric (the downstream score of the
+-- rank correlation).
+SELECT cell_id, avg(value) AS value
+FROM metrics WHERE suite = ? AND metric = ?
+GROUP BY cell_id;
+
 -- name: tasks_per_cell
 SELECT cell_id, task FROM metrics GROUP BY cell_id, task ORDER BY cell_id, task;
 
@@ -69,6 +107,9 @@ SELECT cell_id, count(*) AS steps, max(elapsed_s) AS elapsed_s FROM train_log GR
 
 -- name: train_log
 SELECT cell_id, step, loss FROM train_log ORDER BY cell_id, step;
+
+-- name: cell_configs
+SELECT cell_id, config, config_hash, code_version FROM cells ORDER BY cell_id;
 
 -- name: runs
 SELECT run_id, study, strftime(started_at, '%Y-%m-%d %H:%M:%S') AS started_at, code_version, hardware

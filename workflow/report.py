@@ -15,12 +15,16 @@ from html import escape
 from pathlib import Path
 
 import duckdb
+import yaml
+from scipy import stats
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
 REPO = Path(__file__).resolve().parent.parent
 QUERIES_PATH = Path(__file__).with_name("queries.sql")
 TEMPLATES_DIR = REPO / "reports" / "templates"
+REFERENCE_DIR = REPO / "reports" / "reference"   # methods.yaml (overview text), paper.yaml (published numbers)
+EXPORT_DIR = "report_tables"                     # beside report.html: one CSV + Parquet per table
 
 PPL = ("ppl", "ppl")                # (task, metric) of perplexity rows
 ACCURACY = "accuracy"              # metric of retrieval rows (length x depth grid)
@@ -162,24 +166,13 @@ def pretty(obj, depth: int = 0, width: int = 88) -> str:
     return flat
 
 
-def kendall_tau(xs: list[float], ys: list[float]) -> float | None:
-    """Kendall's tau-b (ties allowed); None when undefined."""
-    conc = disc = ties_x = ties_y = 0
-    for i in range(len(xs)):
-        for j in range(i + 1, len(xs)):
-            dx, dy = xs[i] - xs[j], ys[i] - ys[j]
-            if dx == 0 and dy == 0:
-                continue
-            if dx == 0:
-                ties_x += 1
-            elif dy == 0:
-                ties_y += 1
-            elif (dx > 0) == (dy > 0):
-                conc += 1
-            else:
-                disc += 1
-    denom = math.sqrt((conc + disc + ties_x) * (conc + disc + ties_y))
-    return (conc - disc) / denom if denom else None
+def kendall(xs: list[float], ys: list[float]) -> tuple[float | None, float | None]:
+    """Kendall's tau-b and its two-sided p-value (scipy); (None, None) when undefined."""
+    if len(xs) < 3:
+        return None, None
+    result = stats.kendalltau(xs, ys)
+    tau, p = float(result.statistic), float(result.pvalue)
+    return (None, None) if math.isnan(tau) else (tau, p)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,11 +370,14 @@ def line_chart(series: list[Series], *, title: str, xlabel: str, ylabel: str, x_
     return Chart(svg.render(), clipped, notes)
 
 
+VIRIDIS = [(0.0, (68, 1, 84)), (0.25, (59, 82, 139)), (0.5, (33, 145, 140)), (0.75, (94, 201, 98)),
+           (1.0, (253, 231, 37))]  # perceptually uniform and colour-blind safe
+
+
 def accuracy_color(v: float) -> str:
-    """Red (0) through yellow (0.5) to green (1)."""
-    stops = [(0.0, (215, 48, 39)), (0.5, (254, 224, 139)), (1.0, (26, 152, 80))]
+    """Viridis: dark purple (0) through teal (0.5) to yellow (1)."""
     v = min(max(v, 0.0), 1.0)
-    (a, ca), (b, cb) = (stops[0], stops[1]) if v <= 0.5 else (stops[1], stops[2])
+    (a, ca), (b, cb) = next((VIRIDIS[i], VIRIDIS[i + 1]) for i in range(len(VIRIDIS) - 1) if v <= VIRIDIS[i + 1][0])
     t = (v - a) / (b - a)
     return "#" + "".join(f"{round(p + (q - p) * t):02x}" for p, q in zip(ca, cb))
 
@@ -401,7 +397,7 @@ def heatmap(values: dict[tuple, float], xcats: list, ycats: list, *, title: str,
         svg.add("rect", x=f"{px:.1f}", y=f"{py:.1f}", width=f"{square - 1:.1f}", height=f"{square - 1:.1f}",
                 fill=accuracy_color(v), class_="heat")
         svg.add("text", f"{100 * v:.0f}", x=f"{px + square / 2:.1f}", y=f"{py + square / 2 + 4:.1f}",
-                class_="heat-label dark" if 0.25 < v < 0.85 else "heat-label", text_anchor="middle")
+                class_="heat-label dark" if v > 0.6 else "heat-label", text_anchor="middle")
     draw_axes(svg, x, y, xlabel, ylabel, grid=False)
     return svg.render()
 
@@ -418,7 +414,7 @@ def length_table(cells: list[dict], rows: list[dict], *, better: str, fmt) -> di
     for length in lengths:
         vals = [r["value"] for (c, l), r in by_cell.items() if l == length and r["value"] is not None
                 and math.isfinite(r["value"])]
-        if vals:
+        if len(set(vals)) > 1:  # a column where every value ties has no best
             best[length] = min(vals) if better == "low" else max(vals)
     out_rows = []
     for cell in cells:
@@ -429,9 +425,9 @@ def length_table(cells: list[dict], rows: list[dict], *, better: str, fmt) -> di
             classes = ["num"]
             if length == cell["train_len"]:
                 classes.append("at-train")
-            elif length > cell["train_len"]:
+            elif cell["train_len"] is not None and length > cell["train_len"]:
                 classes.append("beyond")
-            title = None
+            title = ci = None
             if r is None or r["value"] is None:
                 text = "—"
             else:
@@ -439,10 +435,11 @@ def length_table(cells: list[dict], rows: list[dict], *, better: str, fmt) -> di
                 if r["value"] == best.get(length):
                     classes.append("best")
                 if r.get("ci_low") is not None and r.get("ci_high") is not None:
-                    title = f"95% CI {fmt(r['ci_low'])}–{fmt(r['ci_high'])}, n = {r['n']}"
+                    ci = f"{fmt(r['ci_low'])}–{fmt(r['ci_high'])}"
+                    title = f"95% CI {ci}, n = {r['n']}"
                 elif r.get("n") is not None:
                     title = f"n = {r['n']}"
-            values.append({"text": text, "classes": " ".join(classes), "title": title,
+            values.append({"text": text, "classes": " ".join(classes), "title": title, "ci": ci,
                            "best": "best" in classes})
         out_rows.append({**cell, "missing": not has_any, "vals": values})
     return {"lengths": [{"value": l, "label": fmt_len(l)} for l in lengths], "rows": out_rows}
@@ -500,60 +497,264 @@ def describe_data(data: dict) -> dict:
             "passkey_share": None if share is None else f"{100 * share:g}%"}
 
 
-def findings(cells, ppl_rows, retrieval, base_cell) -> list[str]:
-    """A few sentences read off the numbers."""
+def load_reference(directory: Path = REFERENCE_DIR) -> tuple[dict, dict]:
+    """(methods.yaml, paper.yaml): the method overview text and the reference study's numbers."""
+    return tuple(yaml.safe_load((directory / name).read_text()) for name in ("methods.yaml", "paper.yaml"))
+
+
+def _load_cells(db: Db, expected: list[str], methods: dict) -> list[dict]:
+    """Every stored cell, then every cell study.json expects but the store never saw (status says so)."""
+    cells = db.rows("cells")
+    seen = {c["cell_id"] for c in cells}
+    for cid in expected or []:
+        if cid not in seen:
+            cells.append({"cell_id": cid, "study": None, "rope": None, "attention": None, "train_len": None,
+                          "regime": "—", "base_window": None, "method_params": None, "attention_params": None,
+                          "config_hash": None, "code_version": None, "train_wall_s": None,
+                          "train_tokens_per_s": None, "train_peak_mem_mb": None, "status": "no cell record"})
+    for i, c in enumerate(cells):
+        rope = methods["rope"].get(c["rope"], {})
+        attn = methods["attention"].get(c["attention"], {})
+        known = c["rope"] is not None
+        c["method"] = method_label(c["rope"], c["attention"]) if known else "—"
+        c["family"] = ("approximate" if "approximate" in (rope.get("family"), attn.get("family")) else "exact") \
+            if known else "—"
+        c["changes"] = "; ".join(d["changes"] for d, name in ((rope, c["rope"]), (attn, c["attention"]))
+                                 if d and name not in ("none", "exact")) or (rope.get("changes", "—"))
+        c["params_added"] = ", ".join(sorted({d.get("params_added", "none") for d in (rope, attn)} - {"none"})) \
+            or ("none" if known else "—")
+        c["spec"] = ", ".join(d["spec"] for d, name in ((rope, c["rope"]), (attn, c["attention"]))
+                              if d and name not in ("none", "exact")) or rope.get("spec", "—")
+        c["params"] = compact_params({**(_json(c["method_params"]) or {}), **(_json(c["attention_params"]) or {})})
+        c["scale"] = fmt_num(c["train_len"] / c["base_window"]) if c["base_window"] and c["train_len"] else "—"
+        c["hash"] = (c["config_hash"] or "—")[:12]
+        c["color"] = PALETTE[i % len(PALETTE)]
+        c["ok"] = c["status"] == "ok"
+    return cells
+
+
+# ----------------------------------------------------------------------------------------------
+# Evidence: the per-cell numbers the findings, the correlations and the claims scoreboard rest on
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Evidence:
+    cells: list[dict]
+    ppl: dict                # (cell_id, eval_len) -> perplexity
+    downstream: dict         # score name -> {cell_id: mean score in [0, 1]}
+    base_cell: str | None
+    base_window: int | None
+
+    @property
+    def longest(self) -> int | None:
+        return max((length for _, length in self.ppl), default=None)
+
+    def ppl_at(self, length) -> dict:
+        return {c: v for (c, l), v in self.ppl.items() if l == length}
+
+    def of(self, pred) -> list[dict]:
+        return [c for c in self.cells if c["ok"] and pred(c)]
+
+
+def correlations(ev: Evidence, downstream: dict, paper: dict) -> list[dict]:
+    """Kendall tau between perplexity at the longest length and each downstream mean score, across cells."""
+    at_longest = ev.ppl_at(ev.longest)
     out = []
-    ppl = {(r["cell_id"], r["eval_len"]): r["value"] for r in ppl_rows if r["value"] is not None}
-    at_longest = {}
-    if ppl:
-        longest = max(length for _, length in ppl)
-        at_longest = {c: v for (c, length), v in ppl.items() if length == longest}
-        best = min(at_longest.values())
-        winners = [c for c, v in at_longest.items() if v == best]
-        text = (f"At the longest evaluation length ({fmt_len(longest)} tokens) the lowest perplexity is "
-                f"{fmt_num(best)}, reached by {', '.join(winners)}")
-        if base_cell in at_longest and base_cell not in winners:
-            text += f"; the unmodified base model reaches {fmt_num(at_longest[base_cell])}"
-        out.append(text + ".")
-        ratios = {}
-        for c in cells:
-            own, twice = ppl.get((c["cell_id"], c["train_len"])), ppl.get((c["cell_id"], 2 * c["train_len"]))
-            if c["regime"] == "finetuned" and own and twice is not None:
-                ratios[c["cell_id"]] = twice / own
-        if ratios:
-            worst = max(ratios, key=ratios.get)
-            out.append(f"At twice their training length, fine-tuned cells reach {min(ratios.values()):.1f}× to "
-                       f"{ratios[worst]:.1f}× their perplexity at the training length (largest: {worst}).")
-    for task, info in retrieval.items():
-        means = info["means"]
-        if not means:
-            continue
-        best_id = max(means, key=means.get)
-        out.append(f"Highest mean {task} accuracy over all lengths and depths: "
-                   f"{100 * means[best_id]:.0f}% ({best_id}).")
-        common = [c for c in means if c in at_longest]
-        tau = kendall_tau([at_longest[c] for c in common], [means[c] for c in common]) if len(common) >= 3 else None
-        if tau is not None:
-            out.append(f"Rank correlation between perplexity at {fmt_len(longest)} and mean {task} accuracy "
-                       f"over {len(common)} cells: Kendall τ = {tau:+.2f} (negative: lower perplexity goes "
-                       f"with higher accuracy).")
-    missing = [c["cell_id"] for c in cells if c["status"] != "ok"]
-    if missing:
-        out.append(f"{len(missing)} cell{'s have' if len(missing) > 1 else ' has'} no results yet: "
-                   + ", ".join(missing) + ".")
+    for name, means in downstream.items():
+        common = sorted(c for c in means if c in at_longest)
+        tau, p = kendall([at_longest[c] for c in common], [means[c] for c in common])
+        ref = paper["kendall"].get(name.split(" ")[0]) or {}
+        note = ("fewer than 3 cells" if len(common) < 3 else
+                "same score for every cell" if len({means[c] for c in common}) < 2 else
+                "same perplexity for every cell" if tau is None else "")
+        out.append({"score": name, "n": len(common), "tau": tau, "p": p, "cells": common, "note": note,
+                    "paper_task": ref.get("task"), "paper_tau": ref.get("tau"), "paper_p": ref.get("p")})
     return out
 
 
-def _load_cells(db: Db) -> list[dict]:
-    cells = db.rows("cells")
-    for i, c in enumerate(cells):
-        c["method"] = method_label(c["rope"], c["attention"])
-        c["family"] = method_family(c["rope"], c["attention"])
-        c["params"] = compact_params({**(_json(c["method_params"]) or {}), **(_json(c["attention_params"]) or {})})
-        c["scale"] = fmt_num(c["train_len"] / c["base_window"]) if c["base_window"] else "—"
-        c["hash"] = (c["config_hash"] or "—")[:12]
-        c["color"] = PALETTE[i % len(PALETTE)]
-    return cells
+def _pct(v) -> str:
+    return "—" if v is None else f"{100 * v:.0f}%"
+
+
+def _ratio_beyond(ev: Evidence, cell: dict) -> tuple[float, int] | None:
+    """(perplexity at the first evaluated length beyond the training length / at the training length, that length)."""
+    own = ev.ppl.get((cell["cell_id"], cell["train_len"]))
+    beyond = sorted(l for (c, l) in ev.ppl if c == cell["cell_id"] and l > cell["train_len"])
+    if not own or not beyond:
+        return None
+    return ev.ppl[(cell["cell_id"], beyond[0])] / own, beyond[0]
+
+
+def _mean_downstream(ev: Evidence, cid: str) -> float | None:
+    vals = [m[cid] for m in ev.downstream.values() if m.get(cid) is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+# Each rule returns (verdict, deciding numbers, cells it rests on). Verdicts: supported, not supported,
+# not testable. The rule names are the `rule` keys of reports/reference/paper.yaml.
+
+def rule_ppl_tracks_downstream(ev: Evidence, corr: list[dict]):
+    usable = [c for c in corr if c["tau"] is not None]
+    if not usable:
+        return "not testable", "; ".join(f"{c['score']}: {c['note']}" for c in corr) or "no downstream scores", []
+    text = "; ".join(f"{c['score']}: τ = {c['tau']:+.2f}, p = {c['p']:.3f} over {c['n']} cells" for c in usable)
+    cited = sorted({x for c in usable for x in c["cells"]})
+    if any(c["tau"] >= 0 for c in usable):  # the direction itself disagrees
+        return "not supported", text, cited
+    if all(c["p"] < 0.05 for c in usable):
+        return "supported", text, cited
+    return "not testable", text + " (negative, but not significant at p < 0.05 with this few cells)", cited
+
+
+def rule_approximate_underperforms(ev: Evidence, corr):
+    approx = {c["cell_id"]: _mean_downstream(ev, c["cell_id"]) for c in ev.of(lambda c: c["family"] == "approximate")}
+    exact = {c["cell_id"]: _mean_downstream(ev, c["cell_id"])
+             for c in ev.of(lambda c: c["family"] == "exact" and c["regime"] == "finetuned")}
+    approx = {k: v for k, v in approx.items() if v is not None}
+    exact = {k: v for k, v in exact.items() if v is not None}
+    if not ev.downstream:
+        return "not testable", "no downstream score differs between cells", []
+    if not approx or not exact:
+        return "not testable", "needs approximate-attention and exact fine-tuned cells with downstream scores", []
+    best_approx = max(approx, key=approx.get)
+    median_exact = sorted(exact.values())[len(exact) // 2]
+    text = (f"mean downstream score: best approximate {best_approx} {_pct(approx[best_approx])}, "
+            f"median of {len(exact)} exact fine-tuned cells {_pct(median_exact)}")
+    return ("supported" if approx[best_approx] < median_exact else "not supported"), text, [*approx, *exact]
+
+
+def rule_finetuned_within_not_beyond(ev: Evidence, corr):
+    cells = ev.of(lambda c: c["family"] == "exact" and c["regime"] == "finetuned")
+    ratios = {c["cell_id"]: r for c in cells if (r := _ratio_beyond(ev, c))}
+    base = ev.ppl_at  # perplexity of the unmodified base at each cell's training length
+    within = {c["cell_id"]: (ev.ppl.get((c["cell_id"], c["train_len"])), base(c["train_len"]).get(ev.base_cell))
+              for c in cells if c["cell_id"] in ratios}
+    if not ratios or ev.base_cell is None:
+        return "not testable", "needs the base cell and exact fine-tuned cells evaluated past their training length", []
+    better_within = sum(1 for own, b in within.values() if own is not None and b is not None and own < b)
+    rising = sorted(r for r, _ in ratios.values())
+    median = rising[len(rising) // 2]
+    text = (f"{better_within} of {len(within)} cells beat the base at their training length; one evaluated length "
+            f"beyond it, perplexity is {rising[0]:.2f}× to {rising[-1]:.2f}× (median {median:.2f}×) its value "
+            f"at the training length")
+    ok = better_within == len(within) and median > 1.5
+    return ("supported" if ok else "not supported"), text, [*ratios, ev.base_cell]
+
+
+def rule_dynamic_ntk_best(ev: Evidence, corr):
+    tuned = ev.of(lambda c: c["regime"] == "finetuned")
+    if not any(c["rope"] == "dynamic_ntk" for c in tuned) or len(tuned) < 2:
+        return "not testable", "needs a fine-tuned Dynamic NTK cell and other fine-tuned cells", []
+    ids = {c["cell_id"] for c in tuned}
+    rope_of = {c["cell_id"]: c["rope"] for c in tuned}
+    at_longest = {c: v for c, v in ev.ppl_at(ev.longest).items() if c in ids}
+    wins, parts = 0, []
+    criteria = [(f"perplexity at {fmt_len(ev.longest)}" if ev.longest else "perplexity", at_longest, min)]
+    criteria += [(name, {c: v for c, v in m.items() if c in ids}, max) for name, m in ev.downstream.items()]
+    for name, values, pick in criteria:
+        if not values:
+            continue
+        best = pick(values, key=values.get)
+        wins += rope_of[best] == "dynamic_ntk"
+        parts.append(f"{name}: best {best}")
+    if not parts:
+        return "not testable", "no scores for the fine-tuned cells", []
+    return ("supported" if wins > len(parts) / 2 else "not supported"), \
+        f"Dynamic NTK best on {wins} of {len(parts)} criteria ({'; '.join(parts)})", sorted(ids)
+
+
+def rule_short_range_cost(ev: Evidence, corr):
+    if ev.base_cell is None or not ev.ppl:
+        return "not testable", "needs the base cell's perplexity", []
+    shortest = min(length for _, length in ev.ppl)
+    at = ev.ppl_at(shortest)
+    tuned = {c["cell_id"]: at[c["cell_id"]] for c in ev.of(lambda c: c["regime"] == "finetuned") if c["cell_id"] in at}
+    if ev.base_cell not in at or not tuned:
+        return "not testable", f"needs base and fine-tuned perplexity at {fmt_len(shortest)}", []
+    worse = sum(v > at[ev.base_cell] for v in tuned.values())
+    text = (f"at {fmt_len(shortest)} tokens the base reaches {fmt_num(at[ev.base_cell])}; {worse} of {len(tuned)} "
+            f"fine-tuned cells are worse ({fmt_num(min(tuned.values()))} to {fmt_num(max(tuned.values()))})")
+    return ("supported" if worse > len(tuned) / 2 else "not supported"), text, [ev.base_cell, *tuned]
+
+
+RULES = {"ppl_tracks_downstream": rule_ppl_tracks_downstream,
+         "approximate_underperforms": rule_approximate_underperforms,
+         "finetuned_within_not_beyond": rule_finetuned_within_not_beyond,
+         "dynamic_ntk_best": rule_dynamic_ntk_best, "short_range_cost": rule_short_range_cost}
+
+
+def claims_scoreboard(ev: Evidence, corr: list[dict], paper: dict) -> list[dict]:
+    out = []
+    for claim in paper["claims"]:
+        rule = claim.get("rule")
+        if rule is None:
+            verdict, ours, cited = "not testable", claim["untestable"], []
+        elif rule not in RULES:
+            raise ValueError(f"paper.yaml: claim {claim['id']} names unknown rule {rule!r} (known: {', '.join(RULES)})")
+        else:
+            verdict, ours, cited = RULES[rule](ev, corr)
+        out.append({**claim, "verdict": verdict, "ours": ours, "cells": cited,
+                    "verdict_class": verdict.replace(" ", "-")})
+    return out
+
+
+def findings(ev: Evidence, corr: list[dict], claims: list[dict], retrieval: dict) -> list[dict]:
+    """4-6 statements read off the numbers, each with the cells it rests on (rules in this function)."""
+    out = []
+    at_longest = ev.ppl_at(ev.longest)
+    if at_longest:
+        best = min(at_longest.values())
+        winners = [c for c, v in at_longest.items() if v == best]
+        text = (f"At the longest evaluation length ({fmt_len(ev.longest)} tokens) the lowest perplexity is "
+                f"{fmt_num(best)}, reached by {', '.join(winners)}")
+        cited = list(winners)
+        if ev.base_cell in at_longest and ev.base_cell not in winners:
+            text += (f"; the unmodified base model reaches {fmt_num(at_longest[ev.base_cell])} "
+                     f"({fmt_num(at_longest[ev.base_cell] / best)}× higher)")
+            cited.append(ev.base_cell)
+        out.append({"text": text + ".", "cells": cited})
+    ratios = {c["cell_id"]: r for c in ev.of(lambda c: c["regime"] == "finetuned") if (r := _ratio_beyond(ev, c))}
+    if ratios:
+        lo, hi = min(ratios, key=lambda k: ratios[k][0]), max(ratios, key=lambda k: ratios[k][0])
+        out.append({"text": f"One evaluated length beyond their training length, fine-tuned cells reach "
+                            f"{ratios[lo][0]:.2f}× ({lo}) to {ratios[hi][0]:.2f}× ({hi}) their perplexity at the "
+                            f"training length.", "cells": [lo, hi]})
+    flat = {task: info["means"] for task, info in retrieval.items() if info["means"] and task not in ev.downstream}
+    if flat:
+        out.append({"text": "Retrieval does not separate the methods here: every cell has the same mean accuracy on "
+                            + ", ".join(f"{task} ({_pct(next(iter(m.values())))})" for task, m in flat.items())
+                            + " over all lengths and depths.",
+                    "cells": sorted({c for m in flat.values() for c in m})})
+    for task in ev.downstream:
+        if task in retrieval:
+            means = ev.downstream[task]
+            best_id, worst_id = max(means, key=means.get), min(means, key=means.get)
+            out.append({"text": f"Mean {task} accuracy over all lengths and depths ranges from "
+                                f"{_pct(means[worst_id])} ({worst_id}) to {_pct(means[best_id])} ({best_id}).",
+                        "cells": [worst_id, best_id]})
+            break  # one retrieval finding; the tables show the rest
+    usable = [c for c in corr if c["tau"] is not None]
+    if usable:
+        sig = [c for c in usable if c["p"] < 0.05]
+        text = (f"Rank correlation between perplexity at {fmt_len(ev.longest)} and downstream scores across cells: "
+                + "; ".join(f"{c['score']} τ = {c['tau']:+.2f} (p = {c['p']:.3f}, {c['n']} cells)" for c in usable)
+                + (". " + ("Significant (p < 0.05) for " + ", ".join(c["score"] for c in sig) if sig
+                           else "None is significant at p < 0.05, so this study cannot confirm that perplexity "
+                                "ranks downstream performance") + "."))
+        out.append({"text": text, "cells": sorted({x for c in usable for x in c["cells"]})})
+    against = [c for c in claims if c["verdict"] == "not supported"]
+    if against:
+        out.append({"text": "The data contradict the reference study on: " + "; ".join(
+            f"claim {c['id']} ({c['claim'].rstrip('.')}: {c['ours']})" for c in against) + ".",
+            "cells": sorted({x for c in against for x in c["cells"]})})
+    absent = [c for c in ev.cells if not c["ok"]]
+    if absent:
+        several = len(absent) > 1
+        out.insert(0, {"text": f"{len(absent)} expected cell{'s are' if several else ' is'} not reported "
+                               f"because {'they have' if several else 'it has'} no results: " + ", ".join(f"{c['cell_id']} ({c['status']})"
+                                                                       for c in absent) + ".",
+                       "cells": [c["cell_id"] for c in absent]})
+    return out[:6]
 
 
 def perplexity_section(db: Db, cells: list[dict], base_window, ppl_clip: float) -> dict:
@@ -565,7 +766,8 @@ def perplexity_section(db: Db, cells: list[dict], base_window, ppl_clip: float) 
             series.append(Series(c["cell_id"], pts, c["color"], dashed=c["regime"] == "frozen"))
     marks = {base_window: f"base {fmt_len(base_window)}"} if base_window else {}
     for c in cells:
-        marks.setdefault(c["train_len"], f"train {fmt_len(c['train_len'])}")
+        if c["train_len"] is not None:
+            marks.setdefault(c["train_len"], f"train {fmt_len(c['train_len'])}")
     chart = line_chart(series, title="Perplexity by evaluation length", xlabel="evaluation length (tokens, log₂)",
                        ylabel="perplexity (log)", x_kind="log2", y_kind="log10",
                        markers=sorted(marks.items()), clip=ppl_clip)
@@ -590,6 +792,7 @@ def retrieval_section(db: Db, cells: list[dict]) -> dict:
                 absent.append(c["cell_id"])
         by_len = db.rows("retrieval_by_length", task, ACCURACY)
         out[task] = {
+            "grid": grid,
             "table": length_table(cells, by_len, better="high", fmt=lambda v: f"{100 * v:.0f}"),
             "panels": panels, "absent": absent,
             "means": {r["cell_id"]: r["value"] for r in db.rows("retrieval_mean", task, ACCURACY)},
@@ -632,29 +835,109 @@ def training_section(db: Db, cells: list[dict], base_train: dict) -> dict:
     return {"charts": charts, "table": table}
 
 
+def task_suites_section(db: Db, cells: list[dict]) -> list[dict]:
+    """Every suite other than ppl/passkey/needle: average over tasks by length, and per task by length."""
+    out = []
+    fmt = lambda v: f"{100 * v:.1f}" if v is not None and abs(v) <= 1 else fmt_num(v)
+    for suite in db.rows("task_suites"):
+        name, metric = suite["suite"], suite["metric"]
+        by_task = db.rows("suite_by_task", name, metric)
+        tasks = sorted({r["task"] for r in by_task})
+        out.append({
+            "suite": name, "metric": metric, "n_tasks": suite["n_tasks"],
+            "average": length_table(cells, db.rows("suite_average", name, metric), better="high", fmt=fmt),
+            "rows": by_task,
+            "per_task": [{"task": t, "table": length_table(cells, [r for r in by_task if r["task"] == t],
+                                                           better="high", fmt=fmt)} for t in tasks],
+            "means": {r["cell_id"]: r["value"] for r in db.rows("suite_mean", name, metric)},
+        })
+    return out
+
+
+def reference_section(cells: list[dict], ev: Evidence, downstream: dict, paper: dict) -> dict:
+    """Each cell that has a counterpart in the reference study, with the published numbers beside ours."""
+    rows = []
+    for c in cells:
+        match = next((m["method"] for m in paper["match"] if (m["rope"], m["attention"], m["regime"])
+                      == (c["rope"], c["attention"], c["regime"])), None)
+        ref = paper["overview"].get(match, {}) if match else {}
+        ours = {"ppl": fmt_num(ev.ppl.get((c["cell_id"], ev.longest)))}
+        for name, means in downstream.items():
+            ours[name] = _pct(means.get(c["cell_id"]))
+        rows.append({"cell_id": c["cell_id"], "status": c["status"], "paper_method": match or "—",
+                     "ref": {k: "—" if ref.get(k) is None else f"{ref[k]:g}" for k in paper["overview_columns"]},
+                     "ours": ours})
+    return {"rows": rows, "columns": paper["overview_columns"], "study": paper["study"],
+            "ours_columns": [f"ppl @{fmt_len(ev.longest)}" if ev.longest else "ppl", *downstream]}
+
+
+PACKAGES = ("torch", "transformers", "lm-eval", "snakemake", "hydra-core", "duckdb", "jinja2", "scipy", "numpy")
+
+
+def package_versions() -> list[tuple[str, str]]:
+    from importlib import metadata
+    out = []
+    for name in PACKAGES:
+        try:
+            out.append((name, metadata.version(name)))
+        except metadata.PackageNotFoundError:
+            out.append((name, "not installed"))
+    return out
+
+
+def rerun_command(study: str, cell: dict) -> str:
+    """The shell command that recomputes one cell's results and the report (see README)."""
+    stages = "finetune evaluate" if cell["regime"] == "finetuned" else "evaluate"
+    return (f"snakemake results/{study}/cells/{cell['cell_id']}/eval/ppl.json --cores all "
+            f"--forcerun {stages} --config study={study} && snakemake report --cores all --config study={study}")
+
+
+def data_hashes(manifest: dict) -> list[dict]:
+    splits = manifest.get("splits") if isinstance(manifest.get("splits"), dict) else {}
+    return [{"split": k, "files": v.get("files"), "tokens": fmt_count(v.get("tokens")),
+             "file_list_sha256": v.get("file_list_sha256"), "text_sha256": v.get("text_sha256")}
+            for k, v in splits.items() if isinstance(v, dict)]
+
+
 def build_context(db: Db, ppl_clip: float) -> dict:
-    """Everything the template shows, computed from the database."""
+    """Everything the template shows, computed from the database (and the two reference files)."""
+    methods, paper = load_reference()
     study = {r["key"]: _json(r["value"]) for r in db.rows("study")}
-    cells = _load_cells(db)
+    cells = _load_cells(db, study.get("cells"), methods)
     base_window = study.get("base_window") or next((c["base_window"] for c in cells if c["base_window"]), None)
     base_cell = next((c["cell_id"] for c in cells if c["rope"] == "none" and c["attention"] == "exact"
                       and c["regime"] == "frozen"), None)
     ppl = perplexity_section(db, cells, base_window, ppl_clip)
     retrieval = retrieval_section(db, cells)
+    suites = task_suites_section(db, cells)
+    downstream = {task: info["means"] for task, info in retrieval.items()}
+    for s in suites:  # a suite with several metrics gets one score per metric
+        several = sum(x["suite"] == s["suite"] for x in suites) > 1
+        downstream[f"{s['suite']} ({s['metric']})" if several else s["suite"]] = s["means"]
+    # A score that is the same for every cell (e.g. 0% everywhere) ranks nothing: findings and claims skip it.
+    informative = {k: v for k, v in downstream.items() if len(set(v.values())) > 1}
+    ev = Evidence(cells, {(r["cell_id"], r["eval_len"]): r["value"] for r in ppl["rows"] if r["value"] is not None},
+                  informative, base_cell, base_window)
+    corr = correlations(ev, downstream, paper)
+    claims = claims_scoreboard(ev, corr, paper)
     training = training_section(db, cells, study.get("base_train") or {})
     totals = db.one("compute_totals")
     runs = db.rows("runs")
     manifest = study.get("manifest") or study.get("data") or {}
     n_ft = sum(c["regime"] == "finetuned" for c in cells)
     code_version = study.get("code_version") or (runs[-1]["code_version"] if runs else "unknown")
+    name = str(study.get("name") or (cells[0]["study"] if cells else "unnamed study"))
+    configs = {r["cell_id"]: r for r in db.rows("cell_configs")}
     return {
-        "name": str(study.get("name") or (cells[0]["study"] if cells else "unnamed study")),
+        "name": name,
         "description": study.get("description"),
         "model": describe_model(study.get("model"), base_window),
         "data": describe_data(study.get("data") or manifest),
-        "grid": {"cells": len(cells), "finetuned": n_ft, "frozen": len(cells) - n_ft,
-                 "methods": sorted({c["method"] for c in cells}),
-                 "targets": [fmt_len(n) for n in sorted({c["train_len"] for c in cells} - {base_window})],
+        "grid": {"cells": len(cells), "finetuned": n_ft, "frozen": sum(c["regime"] == "frozen" for c in cells),
+                 "not_ok": sum(not c["ok"] for c in cells),
+                 "methods": sorted({c["method"] for c in cells if c["method"] != "—"}),
+                 "targets": [fmt_len(n) for n in sorted({c["train_len"] for c in cells if c["train_len"]}
+                                                        - {base_window})],
                  "eval_lens": [col["label"] for col in ppl["table"]["lengths"]]},
         "compute": {"total": fmt_duration(sum(v or 0 for v in totals.values())),
                     "pretrain": fmt_duration(totals.get("pretrain_s")),
@@ -663,16 +946,74 @@ def build_context(db: Db, ppl_clip: float) -> dict:
         "date": runs[-1]["started_at"][:10] if runs else "—",
         "code_version": code_version,
         "other_code_versions": sorted({c["code_version"] for c in cells if c["code_version"]} - {code_version}),
-        "findings": findings(cells, ppl["rows"], retrieval, base_cell),
+        "findings": findings(ev, corr, claims, retrieval),
         "cells": cells,
         "ppl_table": ppl["table"], "ppl_chart": ppl["chart"],
         "retrieval": retrieval,
+        "suites": suites,
+        "correlations": [{**c, "tau_text": "—" if c["tau"] is None else f"{c['tau']:+.2f}",
+                          "p_text": "—" if c["p"] is None else f"{c['p']:.3f}",
+                          "paper_tau_text": "—" if c["paper_tau"] is None else f"{c['paper_tau']:+.4f}",
+                          "paper_p_text": "—" if c["paper_p"] is None else f"{c['paper_p']:.4f}"} for c in corr],
+        "longest": fmt_len(ev.longest) if ev.longest else "—",
+        "reference": reference_section(cells, ev, downstream, paper),
+        "claims": claims,
         "train_charts": training["charts"], "efficiency": training["table"],
         "config_json": pretty(study["config"]) if study.get("config") is not None else None,
+        "cell_configs": [{"cell_id": c["cell_id"], "status": c["status"],
+                          "config": pretty(_json(configs[c["cell_id"]]["config"])) if c["cell_id"] in configs
+                          else None, "rerun": rerun_command(name, c) if c["regime"] != "—" else
+                          f"snakemake --cores all --config study={name} report"} for c in cells],
         "manifest_json": pretty(abbreviate(manifest)) if manifest else None,
+        "data_hashes": data_hashes(manifest),
+        "packages": package_versions(),
         "runs": runs,
         "schema_version": db.one("schema_version").get("version"),
+        "exports": export_tables(cells, ppl["rows"], retrieval, suites, corr, claims, training["table"]),
     }
+
+
+def export_tables(cells, ppl_rows, retrieval, suites, corr, claims, efficiency) -> dict[str, list[dict]]:
+    """The report's tables as plain rows (numbers unformatted), one entry per exported file."""
+    keep = ("cell_id", "method", "family", "regime", "train_len", "rope", "attention", "changes", "params_added",
+            "params", "spec", "config_hash", "status")
+    tables = {"cells": [{k: c[k] for k in keep} for c in cells], "perplexity": ppl_rows}
+    for task, info in retrieval.items():
+        tables[f"retrieval_{task}"] = info["grid"]
+    for s in suites:
+        tables[f"suite_{s['suite']}_{s['metric']}"] = s["rows"]
+    tables["correlation"] = [{k: c[k] for k in ("score", "n", "tau", "p", "paper_task", "paper_tau", "paper_p")}
+                             for c in corr]
+    tables["claims"] = [{"id": c["id"], "claim": c["claim"], "reference_numbers": c["evidence"],
+                         "verdict": c["verdict"], "deciding_numbers": c["ours"], "cells": ", ".join(c["cells"])}
+                        for c in claims]
+    tables["efficiency"] = efficiency
+    return tables
+
+
+def write_exports(tables: dict[str, list[dict]], out_dir: Path) -> list[Path]:
+    """Each table as <name>.csv and <name>.parquet (DuckDB COPY); a table with no rows is skipped."""
+    import pandas as pd
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    con = duckdb.connect(":memory:")
+    try:
+        for name, rows in tables.items():
+            if not rows:
+                continue
+            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+            con.register("export_rows", pd.DataFrame(rows))
+            for ext, options in (("csv", "(HEADER)"), ("parquet", "(FORMAT parquet)")):
+                path = out_dir / f"{safe}.{ext}"
+                tmp = out_dir / f".{safe}.{ext}.tmp"
+                con.execute(f"COPY export_rows TO '{tmp}' {options}")
+                tmp.replace(path)
+                written.append(path)
+            con.unregister("export_rows")
+    finally:
+        con.close()
+    return written
 
 
 def make_env(templates_dir: Path = TEMPLATES_DIR) -> Environment:
@@ -697,6 +1038,7 @@ def render_report(db_path: Path, out_path: Path, ppl_clip: float = 1e4,
     css = Markup((templates_dir / "report.css").read_text())
     html = env.get_template("report.html.j2").render(css=css, **context)
     out_path.parent.mkdir(parents=True, exist_ok=True)
+    write_exports(context["exports"], out_path.parent / EXPORT_DIR)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     tmp.write_text(html)
     tmp.replace(out_path)

@@ -4,6 +4,7 @@ rule report:
         db=f"{R}/metrics.duckdb",
     output:
         html=f"{R}/report.html",
+        tables=directory(f"{R}/report_tables"),
     log:
         f"{R}/logs/report.log",
     shell:
