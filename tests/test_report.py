@@ -357,3 +357,20 @@ def test_report_in_headless_chromium(rendered, tmp_path):
         width, height = map(int, size.split("x"))
         assert width > 0 and height > 0, sizes
     print(f"screenshot: {shot}")
+
+
+def test_failed_cell_shows_its_reason(tmp_path):
+    """A cell whose fine-tune diverged (failed.json) is reported as failed with the reason, not dropped."""
+    study = build_study(tmp_path / "results")
+    cell = "pi-exact-512-ft"
+    (study / "cells" / cell / "failed.json").write_text(json.dumps({
+        "schema_version": 1, "cell_id": cell, "stage": "finetune",
+        "reason": "FloatingPointError: loss became nan at step 7 <b>", "config_hash": "x"}))
+    db = study / "metrics.duckdb"
+    store.ingest(study, db, echo=False)
+    out = study / "report.html"
+    report.render_report(db, out)
+    html = out.read_text()
+    badge = escape("failed: finetune: FloatingPointError: loss became nan at step 7 <b>")
+    assert f'<span class="badge">{badge}</span>' in html
+    assert f"{cell} ({badge})" in html  # the first finding names it with its reason

@@ -41,16 +41,18 @@ def test_templates_autoescape():
 
 
 def test_only_the_store_opens_the_database_for_writing():
-    """Parallel jobs never open metrics.duckdb: only the ingest rule has it as output, the report rule
-    reads it, and only workflow/store.py connects without read_only."""
+    """Parallel jobs never open metrics.duckdb: only the ingest rule has it as output, the report and
+    publish rules only read it, and only workflow/store.py connects to a file without read_only."""
     rules = {}
     for path in REPO.glob("workflow/rules/*.smk"):
         for block in re.split(r"^rule ", path.read_text(), flags=re.M)[1:]:
             rules[block.split(":")[0]] = block
     touching = {name for name, text in rules.items() if "metrics.duckdb" in text}
-    assert touching == {"ingest", "report"}
+    assert touching == {"ingest", "report", "publish"}
     assert re.search(r"output:\s*db=update\(f\"\{R\}/metrics.duckdb\"\)", rules["ingest"])
     assert "metrics.duckdb" not in rules["report"].split("output:")[1]
+    assert "output:" not in rules["publish"]
     writers = [p.name for p in REPO.glob("workflow/*.py")
-               for m in re.finditer(r"duckdb\.connect\((.*)\)", p.read_text()) if "read_only=True" not in m.group(1)]
+               for m in re.finditer(r"duckdb\.connect\((.*)\)", p.read_text())
+               if "read_only=True" not in m.group(1) and m.group(1) != '":memory:"']
     assert writers == ["store.py"]

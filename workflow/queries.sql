@@ -10,7 +10,7 @@ SELECT key, value FROM study ORDER BY key;
 -- name: cells
 -- Frozen cells first (the unmodified base leads), then by training length and method.
 SELECT cell_id, study, rope, attention, train_len, regime, base_window, method_params,
-       json_extract(config, '$.attention_params') AS attention_params, config_hash, code_version, train_wall_s, train_tokens_per_s, train_peak_mem_mb, status
+       json_extract(config, '$.attention_params') AS attention_params, config_hash, code_version, train_wall_s, train_tokens_per_s, train_peak_mem_mb, status, status_reason
 FROM cells
 ORDER BY regime = 'finetuned', train_len, rope <> 'none', rope, attention, cell_id;
 

@@ -511,7 +511,8 @@ def _load_cells(db: Db, expected: list[str], methods: dict) -> list[dict]:
             cells.append({"cell_id": cid, "study": None, "rope": None, "attention": None, "train_len": None,
                           "regime": "—", "base_window": None, "method_params": None, "attention_params": None,
                           "config_hash": None, "code_version": None, "train_wall_s": None,
-                          "train_tokens_per_s": None, "train_peak_mem_mb": None, "status": "no cell record"})
+                          "train_tokens_per_s": None, "train_peak_mem_mb": None, "status": "no cell record",
+                          "status_reason": None})
     for i, c in enumerate(cells):
         rope = methods["rope"].get(c["rope"], {})
         attn = methods["attention"].get(c["attention"], {})
@@ -530,6 +531,7 @@ def _load_cells(db: Db, expected: list[str], methods: dict) -> list[dict]:
         c["hash"] = (c["config_hash"] or "—")[:12]
         c["color"] = PALETTE[i % len(PALETTE)]
         c["ok"] = c["status"] == "ok"
+        c["status_text"] = c["status"] + (f": {c['status_reason']}" if c.get("status_reason") else "")
     return cells
 
 
@@ -751,7 +753,7 @@ def findings(ev: Evidence, corr: list[dict], claims: list[dict], retrieval: dict
     if absent:
         several = len(absent) > 1
         out.insert(0, {"text": f"{len(absent)} expected cell{'s are' if several else ' is'} not reported "
-                               f"because {'they have' if several else 'it has'} no results: " + ", ".join(f"{c['cell_id']} ({c['status']})"
+                               f"because {'they have' if several else 'it has'} no results: " + ", ".join(f"{c['cell_id']} ({c['status_text']})"
                                                                        for c in absent) + ".",
                        "cells": [c["cell_id"] for c in absent]})
     return out[:6]
