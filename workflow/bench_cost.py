@@ -13,6 +13,8 @@ On a GPU it prints pass/fail against the targets in config/benchmark.yaml. Not a
 
     python -m workflow.bench_cost --study smollm2 --model results/smollm2/base/model --db results/smollm2/metrics.duckdb
     python -m workflow.bench_cost --study micro --db /tmp/bench.duckdb --cells none-exact-64-frozen pi-exact-128-ft
+    python -m workflow.bench_cost --study smollm2 --phases eval --eval-lens 65536 --cells none-lm_infinite-8192-frozen \
+        --vocab-size 49152 --db /tmp/bench.duckdb       # random weights in SmolLM2's shape
 """
 from __future__ import annotations
 
@@ -121,7 +123,8 @@ def peak_tflops(bench_cfg: dict, on: torch.device, given: float | None) -> float
 
 
 def run(cfg: dict, bench_cfg: dict, model_dir: Path | None, cells_wanted: list[str] | None, train_lens, eval_lens,
-        rows: int, peak: float | None, on: torch.device, vocab_size: int = 32000) -> list[dict]:
+        rows: int, peak: float | None, on: torch.device, vocab_size: int = 32000,
+        phases=("finetune", "eval")) -> list[dict]:
     model_cfg, ft, ev = cfg["model"], dict(cfg["finetune"]), cfg["eval"]
     ft["dtype"] = model_cfg.get("dtype", "float32")
     if model_dir:
@@ -136,7 +139,7 @@ def run(cfg: dict, bench_cfg: dict, model_dir: Path | None, cells_wanted: list[s
         cells = [c for c in cells if c["cell_id"] in cells_wanted]
     eval_dtype = compute_dtype(model_cfg.get("dtype", "float32"), on)
     out = []
-    for phase in ("finetune", "eval"):
+    for phase in phases:
         jobs = []
         for cell in cells:
             if phase == "finetune" and cell["regime"] != "finetuned":
@@ -146,6 +149,8 @@ def run(cfg: dict, bench_cfg: dict, model_dir: Path | None, cells_wanted: list[s
                 if phase == "finetune" and train_lens and n not in train_lens:
                     continue
                 jobs.append((cell, n))
+        if not jobs:
+            continue
         for n in sorted({n for _, n in jobs}):  # the unmodified model at every measured length, first
             jobs.insert(0, (reference_cell(jobs[0][0]), n))
         done = {}
@@ -189,7 +194,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"{r['phase']:<9}{r['cell_id']:<34}{r['seq_len']:>7}{r['tokens_per_s']:>12.1f}"
                      f"{r['throughput_vs_base']:>8.3f}x{r['peak_mem_mb']:>11.1f}{_fmt(r['memory_vs_base'], '.3f') + 'x':>9}"
-                     f"{_fmt(r['mfu'] and 100 * r['mfu'], '.1f') + '%':>8}")
+                     f"{'n/a' if r['mfu'] is None else format(100 * r['mfu'], '.1f') + '%':>8}")
     return "\n".join(lines)
 
 
@@ -237,6 +242,7 @@ def main(argv=None) -> int:
     parser.add_argument("--train-lens", type=int, nargs="*", default=None, help="default: the study's")
     parser.add_argument("--eval-lens", type=int, nargs="*", default=None, help="default: the study's eval.lengths")
     parser.add_argument("--vocab-size", type=int, default=32000, help="vocabulary of the random model (no --model)")
+    parser.add_argument("--phases", nargs="+", choices=["finetune", "eval"], default=["finetune", "eval"])
     parser.add_argument("--rows", type=int, default=1, help="rows per fine-tuning step (default 1)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: config)")
     parser.add_argument("--db", type=Path, required=True, help="DuckDB file to add the rows to (table benchmarks)")
@@ -248,7 +254,7 @@ def main(argv=None) -> int:
     on = device()
     peak = peak_tflops(bench_cfg, on, args.peak_tflops)
     rows = run(cfg, bench_cfg, args.model, args.cells, args.train_lens, args.eval_lens or cfg["eval"]["lengths"],
-               args.rows, peak, on, args.vocab_size)
+               args.rows, peak, on, args.vocab_size, args.phases)
     run_id, now, hw = uuid.uuid4().hex[:12], dt.datetime.now(dt.timezone.utc).replace(tzinfo=None), hardware()
     settings = {"overrides": args.overrides, "model": str(args.model) if args.model else "random init",
                 "peak_tflops": peak, "dtype": str(compute_dtype(cfg["model"].get("dtype", "float32"), on)),
