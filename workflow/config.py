@@ -51,8 +51,19 @@ def validate(cfg: dict) -> None:
     """Checks that do not need the grid: windows, lengths, steps."""
     model, ev = cfg["model"], cfg["eval"]
     _positive_int(model["base_window"], "model.base_window")
-    if model["source"] not in ("scratch", "hf_dir"):
-        raise ConfigError(f"model.source must be 'scratch' or 'hf_dir', got {model['source']!r}")
+    sources = ("scratch", "hf_dir", "gguf_package", "hub")
+    if model["source"] not in sources:
+        raise ConfigError(f"model.source must be one of {', '.join(sources)}, got {model['source']!r}")
+    for source, key in (("gguf_package", "package"), ("hub", "hub_id")):
+        if model["source"] == source and not model.get(key):
+            raise ConfigError(f"model.source={source!r} needs model.{key}, got {model.get(key)!r}")
+    from workflow.runtime import ATTN_IMPLEMENTATIONS, DTYPES
+
+    if model.get("dtype", "float32") not in DTYPES:
+        raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {model.get('dtype')!r}")
+    if model.get("attn_implementation", "sdpa") not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"model.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
+                          f"got {model.get('attn_implementation')!r}")
     if model["source"] == "hf_dir":
         path = model.get("path")
         if not path or not (Path(path) / "config.json").is_file():
@@ -177,6 +188,8 @@ def stage_config(cfg: dict, cell: dict | None = None, stage: str = "cell") -> di
     """The part of the configuration a stage depends on (its hash decides when Snakemake reruns it)."""
     data = {**cfg["data"], "retrieval": cfg["eval"]["retrieval"], "model_source": cfg["model"]["source"],
             "model_path": cfg["model"]["path"]}
+    if cfg["model"]["source"] in ("gguf_package", "hub"):  # where the data stage finds the tokenizer
+        data["model_import"] = {k: cfg["model"].get(k) for k in ("package", "gguf_file", "hub_id")}
     if stage == "data":
         return data
     base = {"model": cfg["model"], "pretrain": cfg["pretrain"], "data": data}
@@ -211,3 +224,20 @@ def cell_record(cfg: dict, cell: dict, version: str) -> dict:
     resolved = stage_config(cfg, cell, "evaluate")
     return {"schema_version": 1, "study": cfg["study"]["name"], **cell, "config": resolved,
             "config_hash": config_hash(resolved), "code_version": version}
+
+
+def launch_prefix(launcher: str | None, python: str, base: str | Path = REPO) -> str:
+    """The start of the fine-tuning shell command: `python` (then `-m workflow.finetune ...`), or the configured
+    `finetune.launcher` (e.g. `accelerate launch --config_file ...` or `torchrun --nproc_per_node 8`, both of which
+    take `-m <module>`). A word naming a file under `base` (the repository) becomes an absolute path, so the
+    command works from any working directory. Quoted for the shell, braces escaped for Snakemake's formatting."""
+    import shlex
+
+    if launcher is None or not str(launcher).strip():
+        return shlex.quote(python)
+    try:
+        words = shlex.split(str(launcher))
+    except ValueError as exc:
+        raise ConfigError(f"finetune.launcher={launcher!r} is not a valid command prefix: {exc}") from exc
+    words = [str(Path(base) / w) if not Path(w).is_absolute() and (Path(base) / w).is_file() else w for w in words]
+    return " ".join(shlex.quote(w) for w in words).replace("{", "{{").replace("}", "}}")

@@ -230,18 +230,6 @@ def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int, train
     return wrapped, {"train_bytes_used": used, "train_documents_used": len(sample)}
 
 
-def checkpoint_tokenizer(path: str | Path):
-    """The tokenizer of an imported checkpoint directory (model.source = hf_dir)."""
-    from transformers import AutoTokenizer
-
-    if not path or not Path(path).is_dir():
-        raise FileNotFoundError(f"model.path {path} (model.source 'hf_dir') is not a directory")
-    tok = AutoTokenizer.from_pretrained(path)
-    if tok.eos_token_id is None:
-        raise ValueError(f"the tokenizer at {path} has no EOS token; the token files need one between documents")
-    return tok
-
-
 def encode_documents(tokenizer, texts: list[str], eos_id: int) -> np.ndarray:
     """Token ids of the documents joined with eos_id, as uint16 (batch encoding, all cores)."""
     backend = tokenizer.backend_tokenizer
@@ -253,6 +241,16 @@ def encode_documents(tokenizer, texts: list[str], eos_id: int) -> np.ndarray:
                 parts.append(eos)
             parts.append(np.asarray(enc.ids, dtype=np.uint16))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16)
+
+
+def documents_reaching(ids: np.ndarray, eos_id: int, lengths=tuple(2 ** k for k in range(7, 18))) -> dict:
+    """Share of the split's documents with at least n tokens, for n = 128 ... 131072: how many of the
+    evaluation spans can lie inside one document (evaluate.ppl_spans joins documents for the rest)."""
+    from workflow.evaluate import document_bounds
+
+    sizes = np.array([end - start for start, end in document_bounds(ids, eos_id)])
+    return {"documents": int(len(sizes)),
+            "share_at_least": {str(n): round(float((sizes >= n).mean()), 4) if len(sizes) else 0.0 for n in lengths}}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -295,10 +293,13 @@ def build_data(cfg: dict, out_dir: Path) -> dict:
     tok_cfg = cfg.get("tokenizer") or {}
     with _tokenizers_parallel():
         t1 = time.perf_counter()
-        if cfg.get("model_source") == "hf_dir":
-            tokenizer = checkpoint_tokenizer(cfg.get("model_path"))
-            tok_info = {"kind": "checkpoint", "path": str(cfg.get("model_path"))}
-            log(f"data: using the tokenizer of {cfg.get('model_path')}")
+        if cfg.get("model_source", "scratch") != "scratch":  # the imported checkpoint's tokenizer
+            spec = {"source": cfg["model_source"], "path": cfg.get("model_path"), **(cfg.get("model_import") or {})}
+            from workflow.modeling import import_location, import_tokenizer
+
+            tokenizer = import_tokenizer(spec)
+            tok_info = {"kind": "checkpoint", **import_location(spec)[2]}
+            log(f"data: using the tokenizer of the imported checkpoint ({tok_info})")
         else:
             tokenizer, used = train_tokenizer(texts["train"], tok_cfg["vocab_size"], tok_cfg.get("min_frequency", 2),
                                               tok_cfg.get("train_bytes"))
@@ -351,6 +352,7 @@ def build_data(cfg: dict, out_dir: Path) -> dict:
         "seeds": {"split": seed, "retrieval": int(retrieval_cfg["seed"])},
         "passkey_share": float(cfg.get("passkey_share", 0.0)),
         "retrieval": {**{k: retrieval_cfg[k] for k in ("lengths", "depths", "samples")}, **retrieval},
+        "test_documents_reaching": documents_reaching(token_arrays["test"], eos_id),
         "wall_s": round(time.perf_counter() - t0, 2),
     }
     write_json(out_dir / "manifest.json", manifest)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from methods import attention_of
+from methods import AttentionMethod, attention_of
 from workflow.common import run_cell_stage, stage_parser, log, peak_memory_mb, read_json, set_threads, write_json
 from workflow.modeling import apply_cell_method, load_model
 from workflow.resources import ensure_eval_fits
@@ -57,10 +57,20 @@ def ppl_spans(tokens: np.ndarray, eos_id: int, span: int, n_spans: int, seed: in
 
 
 @torch.no_grad()
-def token_losses(model, batch: torch.Tensor) -> torch.Tensor:
-    """Next-token negative log-likelihood at every position but the last: [B, T-1]."""
-    logits = attention_of(model).logits(model, batch).float()
-    return F.cross_entropy(logits[:, :-1].transpose(1, 2), batch[:, 1:], reduction="none")
+def token_losses(model, batch: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Next-token negative log-likelihood at every position but the last: [B, T-1]. With `chunk` (eval.loss_chunk),
+    the output layer and the loss run over `chunk` positions at a time, so the full-vocabulary logits of a whole
+    long sequence never exist at once; an attention kind with its own inference loop (Landmark) gives whole logits."""
+    attention = attention_of(model)
+    batch = batch.to(model.device)
+    targets = batch[:, 1:]
+    if not chunk or type(attention).logits is not AttentionMethod.logits:
+        logits = attention.logits(model, batch).float()
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2), targets, reduction="none")
+    hidden = model.get_decoder()(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
+    head = model.get_output_embeddings()
+    return torch.cat([F.cross_entropy(head(hidden[:, i:i + chunk]).float().transpose(1, 2), targets[:, i:i + chunk],
+                                      reduction="none") for i in range(0, targets.shape[1], chunk)], dim=1)
 
 
 def _batches(items: list, length: int, batch_tokens: int):
@@ -83,7 +93,7 @@ def evaluate_ppl(model, tokens: np.ndarray, eos_id: int, cfg: dict) -> tuple[lis
         per_window = []
         for chunk in _batches(starts, length, cfg["batch_tokens"]):
             batch = torch.from_numpy(np.stack([tokens[s:s + length] for s in chunk]).astype(np.int64))
-            per_window.extend(token_losses(model, batch).mean(dim=1).tolist())
+            per_window.extend(token_losses(model, batch, cfg.get("loss_chunk")).mean(dim=1).tolist())
         per_span = np.array(per_window).reshape(len(spans), -1).mean(axis=1)
         mean = float(per_span.mean())
         half = 1.96 * float(per_span.std(ddof=1)) / math.sqrt(len(spans)) if len(spans) > 1 else float("nan")
@@ -108,7 +118,7 @@ def wilson(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
 @torch.no_grad()
 def answers_correct(model, samples: list[dict]) -> list[bool]:
     """For same-length samples: is the argmax at every answer position the answer token?"""
-    batch = torch.tensor([s["input_ids"] + s["answer_ids"] for s in samples], dtype=torch.long)
+    batch = torch.tensor([s["input_ids"] + s["answer_ids"] for s in samples], dtype=torch.long, device=model.device)
     logits = attention_of(model).logits(model, batch)
     out = []
     for row, s in zip(range(len(samples)), samples):
@@ -140,7 +150,9 @@ def evaluate_retrieval(model, path: Path, cfg: dict) -> tuple[list[dict], dict]:
 
 def cell_model(cfg: dict, model_dir: Path):
     """The cell's model: the fine-tuned checkpoint, or the base model with the method applied."""
-    model = load_model(model_dir)
+    model_cfg = cfg.get("base", {}).get("model", {})
+    model = load_model(model_dir, model_cfg.get("attn_implementation", "sdpa"), model_cfg.get("dtype", "float32"),
+                       to_device=True)
     if cfg["regime"] == "frozen":
         model = apply_cell_method(model, cfg)
     return model

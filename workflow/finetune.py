@@ -23,16 +23,17 @@ from workflow.train import remove_checkpoint, train
 def finetune_cell(cfg: dict, data_dir: Path, base_dir: Path, out: Path) -> dict:
     from transformers import AutoTokenizer
 
-    ft = cfg["finetune"]
+    ft, model_cfg = cfg["finetune"], cfg["base"]["model"]
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = load_model(base_dir)
+    # float32 master weights on the device; model.dtype is the autocast compute dtype (auto: bf16 on CUDA)
+    model = load_model(base_dir, model_cfg.get("attn_implementation", "sdpa"), "float32", to_device=True)
     torch.manual_seed(ft["seed"])  # a method's new parameters (CLEX's ODE) start the same in every run
     model = apply_cell_method(model, cfg)
     tokens = np.load(data_dir / "train.npy", mmap_mode="r")
     mixer = PasskeyMixer(tokenizer, seed=ft["seed"], share=cfg["base"]["data"]["passkey_share"])
     batches = finetune_batches(tokens, cfg["train_len"], ft["tokens_per_step"], mixer)
     attention = attention_of(model)  # e.g. Landmark inserts its tokens and keeps them out of the loss
-    summary = train(model, batches, ft, out, label=f"finetune {cfg['cell_id']}",
+    summary = train(model, batches, {**ft, "dtype": model_cfg.get("dtype", "float32")}, out, label=f"finetune {cfg['cell_id']}",
                     inputs_fn=lambda batch: attention.training_inputs(model, batch))
     save_model_dir(model, tokenizer, out / "model")
     remove_checkpoint(out)
@@ -41,6 +42,12 @@ def finetune_cell(cfg: dict, data_dir: Path, base_dir: Path, out: Path) -> dict:
 
 
 def main(argv=None) -> None:
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SystemExit("workflow.finetune was started as one of several processes (WORLD_SIZE="
+                         f"{os.environ['WORLD_SIZE']}), but its training loop does not shard the model or the "
+                         "batches yet: each process would train a full copy. Set finetune.launcher='' (one process).")
     parser = stage_parser(__doc__, "the cell's directory")
     parser.add_argument("--base", required=True, type=Path, help="the base model directory")
     args = parser.parse_args(argv)

@@ -45,6 +45,11 @@ CREATE TABLE IF NOT EXISTS metrics(
     cell_id VARCHAR, task VARCHAR, eval_len INTEGER, depth DOUBLE, metric VARCHAR, value DOUBLE,
     n INTEGER, ci_low DOUBLE, ci_high DOUBLE, wall_s DOUBLE, source VARCHAR, suite VARCHAR);
 CREATE TABLE IF NOT EXISTS study(key VARCHAR PRIMARY KEY, value JSON);
+CREATE TABLE IF NOT EXISTS benchmarks(
+    run_id VARCHAR, study VARCHAR, measured_at TIMESTAMP, hardware VARCHAR, phase VARCHAR, cell_id VARCHAR,
+    rope VARCHAR, attention VARCHAR, seq_len INTEGER, rows INTEGER, tokens_per_s DOUBLE, peak_mem_mb DOUBLE,
+    mfu DOUBLE, flops_per_token DOUBLE, throughput_vs_base DOUBLE, memory_vs_base DOUBLE, config JSON,
+    PRIMARY KEY(run_id, phase, cell_id, seq_len));
 """
 
 TABLES = ("cells", "metrics", "train_log", "runs", "study")
@@ -341,6 +346,28 @@ def migrate(con, found: int) -> None:
         con.execute("ALTER TABLE cells ADD COLUMN IF NOT EXISTS status_reason VARCHAR")
     con.execute("DELETE FROM schema_info")
     con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
+
+
+BENCHMARK_COLUMNS = ("run_id", "study", "measured_at", "hardware", "phase", "cell_id", "rope", "attention", "seq_len",
+                     "rows", "tokens_per_s", "peak_mem_mb", "mfu", "flops_per_token", "throughput_vs_base",
+                     "memory_vs_base", "config")
+
+
+def write_benchmarks(db_path: Path, rows: list[dict]) -> int:
+    """Append the rows of one cost-benchmark run (workflow.bench_cost) to the `benchmarks` table; a row is a dict
+    with BENCHMARK_COLUMNS (config as a dict). Returns the number of rows written."""
+    import duckdb
+
+    db_path = Path(db_path)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with duckdb.connect(str(db_path)) as con:
+        con.execute("BEGIN")
+        create_schema(con)
+        con.executemany(f"INSERT OR REPLACE INTO benchmarks ({', '.join(BENCHMARK_COLUMNS)}) "
+                        f"VALUES ({', '.join('?' for _ in BENCHMARK_COLUMNS)})",
+                        [[_dumps(r[c]) if c == "config" else r[c] for c in BENCHMARK_COLUMNS] for r in rows])
+        con.execute("COMMIT")
+    return len(rows)
 
 
 def _write_study(con, study: dict | None, manifest: dict | None, base_summary: dict | None) -> None:

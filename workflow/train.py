@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from workflow.common import log, peak_memory_mb, write_json
 from workflow.resources import ensure_train_fits
+from workflow.runtime import autocast, prepare_training, use_fused_adamw
 
 
 def lr_at(step: int, cfg: dict) -> float:
@@ -41,7 +42,7 @@ def _optimizer(model, cfg: dict) -> torch.optim.Optimizer:
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]))
+    return torch.optim.AdamW(groups, lr=cfg["lr"], betas=tuple(cfg["betas"]), fused=use_fused_adamw(model, cfg) or None)
 
 
 def _save_checkpoint(ckpt_dir: Path, model, optimizer, step: int) -> None:
@@ -99,6 +100,7 @@ def train(model, batch_fn: Callable[[int], torch.Tensor], cfg: dict, work_dir: P
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir, log_path = work_dir / "ckpt", work_dir / "train_log.jsonl"
     torch.manual_seed(cfg["seed"])
+    prepare_training(model, cfg)
     model.train()
     optimizer = _optimizer(model, cfg)
     start, resumed = 0, None
@@ -121,9 +123,10 @@ def train(model, batch_fn: Callable[[int], torch.Tensor], cfg: dict, work_dir: P
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = batch_fn(step)
+            batch = batch_fn(step).to(model.device)
             inputs = inputs_fn(batch) if inputs_fn is not None else {"input_ids": batch, "labels": batch}
-            loss = model(**inputs).loss
+            with autocast(model, cfg.get("dtype", "float32")):
+                loss = model(**inputs).loss
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{label}: loss became {loss.item()} at step {step + 1}; stopping")
             loss.backward()

@@ -9,6 +9,8 @@ rule base:
     params:
         cfg=json.dumps(stage_config(CFG, stage="base"), sort_keys=True),
         cfg_file=f"{R}/configs/base.json",
+    resources:
+        **RESOURCES["base"],
     log:
         f"{R}/logs/base.log",
     threads: CFG["pretrain"]["threads"]

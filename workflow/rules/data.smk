@@ -9,6 +9,8 @@ rule data:
     params:
         cfg=json.dumps(stage_config(CFG, stage="data"), sort_keys=True),
         cfg_file=f"{R}/configs/data.json",
+    resources:
+        **RESOURCES["data"],
     log:
         f"{R}/logs/data.log",
     threads: 2

@@ -26,6 +26,8 @@ rule evaluate:
     params:
         cfg=lambda w: json.dumps(stage_config(CFG, CELLS[w.cell], "evaluate"), sort_keys=True),
         cfg_file=f"{R}/configs/evaluate-{{cell}}.json",
+    resources:
+        **RESOURCES["evaluate"],
     log:
         f"{R}/logs/evaluate/{{cell}}.log",
     threads: CFG["eval"]["threads"]

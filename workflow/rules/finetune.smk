@@ -8,9 +8,11 @@ rule finetune:
     params:
         cfg=lambda w: json.dumps(stage_config(CFG, CELLS[w.finetuned_cell], "finetune"), sort_keys=True),
         cfg_file=f"{R}/configs/finetune-{{finetuned_cell}}.json",
+    resources:
+        **RESOURCES["finetune"],
     log:
         f"{R}/logs/finetune/{{finetuned_cell}}.log",
     threads: CFG["finetune"]["threads"]
     shell:
-        WRITE_CONFIG + " && {PY} -m workflow.finetune --config {params.cfg_file} --data-dir {R}/data "
+        WRITE_CONFIG + " && " + LAUNCH_FINETUNE + " -m workflow.finetune --config {params.cfg_file} --data-dir {R}/data "
         "--base {input.base} --out {R}/cells/{wildcards.finetuned_cell} --threads {threads} " + TEE
