@@ -1,13 +1,13 @@
 """RULER-style generators (workflow/ruler.py): determinism, sizing, needle depth, answers, scoring."""
 import json
 import re
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from tests.models import stdlib_tokenizer
 from workflow import data, ruler
 
 TASK_DIR = Path(__file__).resolve().parent.parent / "workflow" / "lm_eval_tasks" / "ctxext_ruler"
@@ -17,9 +17,7 @@ OFFLINE = [f for f in ruler.FAMILIES if ruler.FAMILIES[f].kind != "qa"]
 @pytest.fixture(scope="module")
 def source():
     """A 512-token BPE trained on a few standard-library modules, whose text is the haystack corpus."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = [(stdlib / name).read_text() for name in ("argparse.py", "typing.py", "inspect.py")]
-    tokenizer, _ = data.train_tokenizer(texts, 512, 2, None)
+    tokenizer, texts = stdlib_tokenizer()
     ids = data.encode_documents(tokenizer, texts, tokenizer.eos_token_id)
     return ruler.make_source(tokenizer, ids)
 
