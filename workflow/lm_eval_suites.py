@@ -112,13 +112,14 @@ def _leaf_configs(tm, name: str) -> list[dict]:
 
 
 def hub_datasets(tm, names: list[str], data_files: dict) -> dict[str, str]:
-    """{task: hub dataset} of the leaf tasks that read a dataset from the hub (not a local builder, not
-    generated, not redirected to a local file by `data_files`)."""
+    """{task: hub dataset} of the leaf tasks whose dataset_path names a hub dataset (not a local builder,
+    not empty as in generated tasks, not redirected to a local file by `data_files`). Tasks that download
+    inside their own code (lm-eval ruler's essay and QA variants) are not seen here."""
     out = {}
     for name in names:
         for cfg in _leaf_configs(tm, name):
             task = cfg["task"]
-            if task in data_files or name in data_files or cfg.get("custom_dataset"):
+            if task in data_files or name in data_files:
                 continue
             path = cfg.get("dataset_path") or ""
             if path not in LOCAL_BUILDERS:
@@ -147,15 +148,18 @@ def check_hub_datasets(datasets_by_task: dict[str, str]) -> None:
 
 
 def _task_spec(tm, name: str, data_files: dict):
-    """A task name, or for a task redirected to a local file, its config with a local json dataset."""
+    """A task name, or for a task redirected to a local file, the task built from its registered config
+    with a local json dataset in place of the hub one (lm-eval's task factory merges the overrides)."""
     if name not in data_files:
         return name
-    cfg = _leaf_configs(tm, name)
-    if len(cfg) != 1:
-        raise ValueError(f"eval.lm_eval.data_files.{name}: only a single task (not a group) can read a local file")
-    split = cfg[0].get("test_split") or "test"
-    return {"task": name, "dataset_path": "json", "dataset_name": None,
-            "dataset_kwargs": {"data_files": {split: str(Path(data_files[name]).resolve())}}}
+    entry = tm.task_index.get(name)
+    if entry is None or entry.kind.name != "TASK":
+        raise ValueError(f"eval.lm_eval.data_files.{name}: only a single lm-eval task (not a group or tag) can "
+                         f"read a local file")
+    split = entry.cfg.get("test_split") or entry.cfg.get("validation_split") or "test"
+    overrides = {"dataset_path": "json", "dataset_name": None,
+                 "dataset_kwargs": {"data_files": {split: str(Path(data_files[name]).resolve())}}}
+    return tm._factory.build(entry, overrides=overrides, registry=tm.task_index)
 
 
 def lm_eval_rows(results: dict, eval_len: int) -> list[dict]:
