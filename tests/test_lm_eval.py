@@ -115,6 +115,13 @@ def test_score_rows_use_wilson_for_binary_scores_and_a_normal_interval_otherwise
     assert row["value"] == pytest.approx(0.5) and row["ci_low"] == pytest.approx(0.5 - 1.96 * 0.25 / 3 ** 0.5)
 
 
+def test_chat_template_needs_a_tokenizer_with_one(tok_and_text):
+    tokenizer, _ = tok_and_text
+    lm = CellLM(model=_model(tokenizer), tokenizer=tokenizer, max_length=128, max_gen_toks=8)
+    with pytest.raises(ValueError, match="eval.chat_template is true"):
+        lm_eval_suites._evaluate(lm, ["anything"], None, chat_template=True)
+
+
 def test_a_hub_dataset_missing_offline_fails_fast_naming_it():
     with pytest.raises(RuntimeError, match=r"longbench2_many_shot needs recursal/longbench-v2 \(manyshot_learning\)"):
         lm_eval_suites.check_hub_datasets({"longbench2_many_shot": "recursal/longbench-v2 (manyshot_learning)"})

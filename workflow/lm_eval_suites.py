@@ -49,6 +49,9 @@ def score_row(task: str, eval_len: int, scores: list[float]) -> dict:
 def _evaluate(lm, tasks: list, task_manager, chat_template: bool) -> dict:
     import lm_eval
 
+    if chat_template and not getattr(lm.tokenizer, "chat_template", None):
+        raise ValueError("eval.chat_template is true but the model's tokenizer has no chat template (a base "
+                         "model: set eval.chat_template=false)")
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=task_manager, log_samples=True,
                                    use_cache=None, cache_requests=False, apply_chat_template=bool(chat_template),
                                    bootstrap_iters=0, **SEEDS)

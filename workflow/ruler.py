@@ -12,7 +12,10 @@ The 13 families follow RULER's definitions (templates, needle counts, answer set
 - Sizing is a bounded binary search over the number of haystack units: the prompt plus the family's
   generation budget fills the requested length (never exceeds it, and falls short by less than one
   haystack unit). A length too short for a family is skipped with a reason, never looped on.
-- The generation budgets are sized to the answers (RULER gives NIAH 128 tokens); the answer prefix is
+- The generation budgets are sized to the answers as a 512-token vocabulary spells them (a 7-digit
+  number: 8 tokens, a uuid: 35), with room to spare: 16 tokens for one number, 48 for a uuid or four
+  numbers, 32 for VT's five names and FWE's three words, 96 for CWE's ten words (RULER: 128, 128, 30,
+  50, 120). Every generated token costs a forward pass over the whole prompt here. The answer prefix is
   part of the prompt, as RULER does for base models.
 - QA needs question/answer data, which has no offline source: qa_1 / qa_2 run only when a local JSONL
   file is configured (rows `{"question": str, "answers": [str, ...], "documents": [str, ...]}`, the
@@ -71,17 +74,17 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "niah_single_1": Family("niah", 32, "repeat"),
-    "niah_single_2": Family("niah", 32, "essay"),
-    "niah_single_3": Family("niah", 64, "essay", type_v="uuids"),
-    "niah_multikey_1": Family("niah", 32, "essay", num_k=4),
-    "niah_multikey_2": Family("niah", 32, "needle"),
-    "niah_multikey_3": Family("niah", 64, "needle", type_k="uuids", type_v="uuids"),
-    "niah_multivalue": Family("niah", 64, "essay", num_v=4),
-    "niah_multiquery": Family("niah", 64, "essay", num_q=4),
-    "vt": Family("vt", 48),
-    "cwe": Family("cwe", 120),
-    "fwe": Family("fwe", 50),
+    "niah_single_1": Family("niah", 16, "repeat"),
+    "niah_single_2": Family("niah", 16, "essay"),
+    "niah_single_3": Family("niah", 48, "essay", type_v="uuids"),
+    "niah_multikey_1": Family("niah", 16, "essay", num_k=4),
+    "niah_multikey_2": Family("niah", 16, "needle"),
+    "niah_multikey_3": Family("niah", 48, "needle", type_k="uuids", type_v="uuids"),
+    "niah_multivalue": Family("niah", 48, "essay", num_v=4),
+    "niah_multiquery": Family("niah", 48, "essay", num_q=4),
+    "vt": Family("vt", 32),
+    "cwe": Family("cwe", 96),
+    "fwe": Family("fwe", 32),
     "qa_1": Family("qa", 32),
     "qa_2": Family("qa", 32),
 }
