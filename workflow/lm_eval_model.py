@@ -56,7 +56,7 @@ class CellLM(HFLM):
     `tokenizer` with `max_length`."""
 
     def __init__(self, cell: str | None = None, model=None, tokenizer=None, max_length: int | None = None,
-                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, batch_size: int = 1, **kwargs):
+                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, batch_size: int | str = 1, **kwargs):
         if cell is not None:
             cfg, model_dir = cell_paths(cell)
             model = cell_model(cfg, model_dir)
@@ -65,7 +65,8 @@ class CellLM(HFLM):
         if model is None or tokenizer is None or not max_length:
             raise ValueError("the ctxext model needs cell=<cell directory>, or model, tokenizer and max_length")
         super().__init__(pretrained=model, tokenizer=tokenizer, max_length=int(max_length),
-                         max_gen_toks=int(max_gen_toks), batch_size=int(batch_size), **kwargs)
+                         max_gen_toks=int(max_gen_toks),
+                         batch_size=int(batch_size) if str(batch_size).isdigit() else batch_size, **kwargs)
 
     def _model_call(self, inps: torch.Tensor, attn_mask=None, labels=None) -> torch.Tensor:
         if inps.shape[1] > self.max_length + 1:
