@@ -22,3 +22,17 @@ def random_ids(n, vocab, seed=1):
 @torch.no_grad()
 def logits(model, x):
     return model(input_ids=x).logits
+
+
+def stdlib_tokenizer(vocab=512, modules=("argparse.py", "typing.py", "inspect.py")):
+    """(a byte-level BPE trained on a few standard-library modules, their texts): a small real tokenizer
+    and haystack corpus, available offline on every machine."""
+    import sysconfig
+    from pathlib import Path
+
+    from workflow import data
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(stdlib / name).read_text() for name in modules]
+    tokenizer, _ = data.train_tokenizer(texts, vocab, 2, None)
+    return tokenizer, texts

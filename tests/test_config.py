@@ -178,3 +178,15 @@ def test_lm_infinite_cells_combine_with_any_rope_and_are_frozen_only():
     cfg["grid"] = [{"rope": "none", "attention": "lm_infinite", "regime": "frozen", "train_len": 512}]
     with pytest.raises(ConfigError, match="train_len must be 256"):
         expand_grid(cfg)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("eval.ruler.tasks=[niah_single_9]", "eval.ruler.tasks has unknown or no families"),
+    ("eval.ruler.lengths=[0]", r"eval.ruler.lengths\[0\] must be a positive integer"),
+    ("eval.ruler.qa_files.qa_1=/nowhere.jsonl", "eval.ruler.qa_files.qa_1='/nowhere.jsonl' is not a file"),
+    ("eval.tasks=[ppl,lm_eval]", "eval.lm_eval.tasks is empty"),
+    ("eval.chat_template=maybe", "eval.chat_template must be true or false"),
+])
+def test_bad_evaluation_suite_settings_stop_early(override, message):
+    with pytest.raises(ConfigError, match=message):
+        compose("micro", [override])

@@ -40,8 +40,10 @@ def test_the_study_produces_a_database_and_a_report(study):
     assert (results / "report.html").exists()
     with duckdb.connect(str(results / "metrics.duckdb"), read_only=True) as con:
         assert sorted(r[0] for r in con.execute("SELECT cell_id FROM cells").fetchall()) == sorted(CELLS)
-        per_cell = dict(con.execute("SELECT cell_id, count(DISTINCT task) FROM metrics GROUP BY 1").fetchall())
-        assert per_cell == {c: 3 for c in CELLS}
+        per_cell = dict(con.execute("SELECT cell_id, count(DISTINCT suite) FROM metrics GROUP BY 1").fetchall())
+        assert per_cell == {c: 4 for c in CELLS}  # ppl, passkey, needle, ruler
+        ruler = con.execute("SELECT DISTINCT task FROM metrics WHERE suite = 'ruler' ORDER BY 1").fetchall()
+        assert [r[0] for r in ruler] == ["fwe", "niah_multikey_2", "niah_single_1", "niah_single_2", "vt"]
         logged = {r[0] for r in con.execute("SELECT DISTINCT cell_id FROM train_log").fetchall()}
         assert logged == {"base", *(c for c in CELLS if c.endswith("-ft"))}
         ppl = con.execute("SELECT min(value), max(value) FROM metrics WHERE metric = 'ppl'").fetchone()

@@ -86,9 +86,41 @@ def validate(cfg: dict) -> None:
         if cfg[stage]["schedule"] not in SCHEDULES:
             raise ConfigError(f"{stage}.schedule={cfg[stage]['schedule']!r} is not known; valid: "
                               f"{', '.join(SCHEDULES)}")
-    unknown = set(ev["tasks"]) - {"ppl", "passkey", "needle"}
+    valid = ("ppl", "passkey", "needle", "ruler", "lm_eval")
+    unknown = set(ev["tasks"]) - set(valid)
     if unknown:
-        raise ConfigError(f"eval.tasks has unknown task(s) {sorted(unknown)}; valid: ppl, passkey, needle")
+        raise ConfigError(f"eval.tasks has unknown task(s) {sorted(unknown)}; valid: {', '.join(valid)}")
+    _validate_lm_eval_suites(ev)
+
+
+def _validate_lm_eval_suites(ev: dict) -> None:
+    from workflow.ruler import FAMILIES
+
+    if not isinstance(ev.get("chat_template", False), bool):
+        raise ConfigError(f"eval.chat_template must be true or false, got {ev['chat_template']!r}")
+    if "ruler" in ev["tasks"] or "lm_eval" in ev["tasks"]:
+        _positive_int(ev["max_gen_toks"], "eval.max_gen_toks")
+        _positive_int(ev["gen_batch_size"], "eval.gen_batch_size")
+    if "ruler" in ev["tasks"]:
+        ruler = ev["ruler"]
+        unknown = [t for t in ruler["tasks"] if t not in FAMILIES]
+        if unknown or not ruler["tasks"]:
+            raise ConfigError(f"eval.ruler.tasks has unknown or no families {unknown}; valid: {', '.join(FAMILIES)}")
+        for i, n in enumerate(ruler["lengths"]):
+            _positive_int(n, f"eval.ruler.lengths[{i}]")
+        _positive_int(ruler["samples"], "eval.ruler.samples")
+        for family, path in (ruler.get("qa_files") or {}).items():
+            if family not in ("qa_1", "qa_2"):
+                raise ConfigError(f"eval.ruler.qa_files.{family}: only qa_1 and qa_2 take a QA file")
+            if path and not Path(path).is_file():
+                raise ConfigError(f"eval.ruler.qa_files.{family}={path!r} is not a file")
+    if "lm_eval" in ev["tasks"]:
+        cfg = ev["lm_eval"]
+        if not cfg["tasks"]:
+            raise ConfigError("eval.tasks lists lm_eval but eval.lm_eval.tasks is empty")
+        for task, path in (cfg.get("data_files") or {}).items():
+            if not Path(path).is_file():
+                raise ConfigError(f"eval.lm_eval.data_files.{task}={path!r} is not a file")
 
 
 def cell_id(rope: str, attention: str, train_len: int, regime: str) -> str:

@@ -7,6 +7,8 @@ task (`<cell>/eval/<task>.json`).
 - passkey, needle: retrieval accuracy on the data stage's length x depth grids. A sample counts as
   correct when the model's argmax at every answer position is the answer token, which is exactly
   greedy decoding's exact match, computed in one forward pass.
+- ruler, lm_eval: suites run through lm-evaluation-harness in process with the cell as an lm-eval model
+  (workflow/lm_eval_suites.py, workflow/lm_eval_model.py); rows carry their task within the suite.
 
     python -m workflow.evaluate --config evaluate.json --data-dir results/tiny/data \
         --model results/tiny/cells/yarn-exact-1024-ft/model --out results/tiny/cells/yarn-exact-1024-ft/eval
@@ -30,6 +32,7 @@ from workflow.modeling import apply_cell_method, load_model
 from workflow.resources import ensure_eval_fits
 
 SCHEMA_VERSION = 1
+LM_EVAL_SUITES = ("ruler", "lm_eval")  # suites served by lm-eval (workflow/lm_eval_suites.py)
 
 
 def document_bounds(tokens: np.ndarray, eos_id: int) -> list[tuple[int, int]]:
@@ -165,11 +168,20 @@ def evaluate_cell(cfg: dict, data_dir: Path, model_dir: Path, out_dir: Path, tas
     ensure_eval_fits(model, ev["lengths"] + ev["retrieval"]["lengths"], ev["batch_tokens"])
     manifest = read_json(data_dir / "manifest.json")
     eos_id = manifest["tokenizer"]["eos_id"]
+    lm = None
     for task in tasks:
         t0 = time.perf_counter()
         if task == "ppl":
             test = np.load(data_dir / "test.npy", mmap_mode="r")
             rows, meta = evaluate_ppl(model, test, eos_id, ev)
+        elif task in LM_EVAL_SUITES:
+            from workflow import lm_eval_suites
+            from workflow.lm_eval_model import CellLM, longest_eval_len
+
+            if lm is None:
+                lm = CellLM(model=model, tokenizer=str(model_dir), max_gen_toks=ev["max_gen_toks"],
+                            max_length=longest_eval_len(cfg) + ev["max_gen_toks"], batch_size=ev["gen_batch_size"])
+            rows, meta = getattr(lm_eval_suites, f"run_{task}")(lm, data_dir, ev)
         else:
             rows, meta = evaluate_retrieval(model, data_dir / f"{task}.jsonl", ev)
         wall = time.perf_counter() - t0
@@ -177,8 +189,9 @@ def evaluate_cell(cfg: dict, data_dir: Path, model_dir: Path, out_dir: Path, tas
                      "threads": torch.get_num_threads()})
         write_json(out_dir / f"{task}.json", {"schema_version": SCHEMA_VERSION, "cell_id": cfg["cell_id"],
                                               "task": task, "rows": rows, "meta": meta})
-        headline = ", ".join(f"{r['eval_len']}:{r['value']:.3g}" for r in rows
-                             if r["metric"] == "ppl" or (r["metric"] == "accuracy" and r["depth"] == rows[0]["depth"]))
+        headline = ", ".join(f"{r.get('task', task)}@{r['eval_len']}:{r['value']:.3g}" for r in rows
+                             if r["metric"] in ("ppl", "score") or (r["metric"] == "accuracy"
+                                                                    and r["depth"] == rows[0]["depth"]))
         log(f"{cfg['cell_id']} {task} ({wall:.0f} s): {headline}")
 
 

@@ -18,6 +18,7 @@ rule cell_config:
 rule evaluate:
     input:
         manifest=f"{R}/data/manifest.json",
+        test=f"{R}/data/test.npy",
         passkey=f"{R}/data/passkey.jsonl",
         needle=f"{R}/data/needle.jsonl",
         model=cell_model_dir,
