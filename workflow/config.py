@@ -77,7 +77,8 @@ def validate(cfg: dict) -> None:
     for i, d in enumerate(ev["retrieval"]["depths"]):
         if not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
             raise ConfigError(f"eval.retrieval.depths[{i}] must be in [0, 1], got {d!r}")
-    for stage in ("pretrain", "finetune"):
+    trained = ("pretrain", "finetune") if cfg["model"]["source"] == "scratch" else ("finetune",)
+    for stage in trained:  # an imported base model is not pretrained: its pretrain keys are unused
         _positive_int(cfg[stage]["steps"], f"{stage}.steps")
         _positive_int(cfg[stage]["checkpoint_every"], f"{stage}.checkpoint_every")
         lr = cfg[stage]["lr"]
