@@ -55,4 +55,4 @@ def test_only_the_store_opens_the_database_for_writing():
     writers = [p.name for p in REPO.glob("workflow/*.py")
                for m in re.finditer(r"duckdb\.connect\((.*)\)", p.read_text())
                if "read_only=True" not in m.group(1) and m.group(1) != '":memory:"']
-    assert writers == ["store.py"]
+    assert set(writers) == {"store.py"}  # ingest and the benchmark writer
