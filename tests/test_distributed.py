@@ -35,6 +35,13 @@ def _torchrun(stage, out, output):
         return subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
+def _kill(proc):
+    """SIGKILL the launcher and both workers (their own session) unless they have already exited."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def test_two_processes_match_one_and_resume_after_a_kill(stage):
     single = stage["root"] / "single"
     run = run_module(*finetune_args(stage, single))
@@ -43,17 +50,21 @@ def test_two_processes_match_one_and_resume_after_a_kill(stage):
     out = stage["root"] / "two"
     output = stage["root"] / "two.out"
     proc, log_path, deadline = _torchrun(stage, out, output), out / "train_log.jsonl", time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if log_path.exists() and log_path.read_text().count("\n") >= 5:
-            break
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if log_path.exists() and log_path.read_text().count("\n") >= 5:
+                break
+            time.sleep(0.005)
+    finally:
+        _kill(proc)
     assert not (out / "model").exists() and (out / "ckpt" / "trainer.pt").exists(), "not killed mid-run"
     assert "model" in torch.load(out / "ckpt" / "trainer.pt", weights_only=True)   # rank 0's full state
 
     proc = _torchrun(stage, out, output)
-    proc.wait(timeout=180)
+    try:
+        proc.wait(timeout=180)
+    finally:   # a failed or interrupted test leaves no workers waiting for their peers
+        _kill(proc)
     output = output.read_text()
     assert proc.returncode == 0, output[-3000:]
     assert output.count("resuming from the checkpoint at step") == 2   # both ranks
