@@ -13,45 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import REPO
+from tests.stages import CLEX, FROZEN, OVERRIDES, finetune_args as _finetune, read_log as _log, run_module as _run
 from workflow import evaluate, resources
-from workflow.config import compose, config_hash, expand_grid, stage_config
-
-OVERRIDES = ["pretrain.steps=4", "finetune.steps=16", "finetune.checkpoint_every=3"]
-CLEX = "clex-exact-256-ft"     # samples a random scale each step: resumption must restore the RNG
-FROZEN = "ntk-exact-256-frozen"
-
-
-def _run(*args, **kwargs):
-    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=REPO, capture_output=True, text=True,
-                          timeout=300, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def stage(tmp_path_factory):
-    """The micro study's data and a 4-step base model, plus the resolved configs of its jobs."""
-    root = tmp_path_factory.mktemp("stages")
-    cfg = compose("micro", OVERRIDES)
-    cells = {c["cell_id"]: c for c in expand_grid(cfg)}
-    files = {}
-    for name, obj in {"data": stage_config(cfg, stage="data"), "base": stage_config(cfg, stage="base"),
-                      "finetune": stage_config(cfg, cells[CLEX], "finetune"),
-                      "evaluate": stage_config(cfg, cells[FROZEN], "evaluate")}.items():
-        files[name] = root / f"{name}.json"
-        files[name].write_text(json.dumps(obj, sort_keys=True))
-    for args in (("workflow.data", "--config", files["data"], "--out", root / "data"),
-                 ("workflow.base", "--config", files["base"], "--data-dir", root / "data", "--out", root / "base")):
-        run = _run(*args)
-        assert run.returncode == 0, run.stderr[-3000:]
-    return {"root": root, "cfg": cfg, "cells": cells, "files": files}
-
-
-def _finetune(stage, out, base=None):
-    return ["workflow.finetune", "--config", stage["files"]["finetune"], "--data-dir", stage["root"] / "data",
-            "--base", base or stage["root"] / "base" / "model", "--out", out]
-
-
-def _log(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
+from workflow.config import config_hash, stage_config
 
 
 def test_killed_finetune_resumes_to_the_same_weights_and_loss_curve(stage):

@@ -4,6 +4,9 @@
 
     python -m workflow.finetune --config finetune.json --data-dir results/tiny/data \
         --base results/tiny/base/model --out results/tiny/cells/yarn-exact-1024-ft
+
+Under `torchrun`/`accelerate launch` (`finetune.launcher`) each process trains its share of every step's rows
+on an FSDP2-sharded model (`workflow.distributed`); rank 0 writes the outputs.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import torch
 
 from methods import attention_of
 from workflow.batches import finetune_batches
+from workflow import distributed
 from workflow.common import run_cell_stage, stage_parser, read_json, set_threads, write_json
 from workflow.modeling import apply_cell_method, load_model, save_model_dir
 from workflow.retrieval import PasskeyMixer
@@ -35,25 +39,30 @@ def finetune_cell(cfg: dict, data_dir: Path, base_dir: Path, out: Path) -> dict:
     attention = attention_of(model)  # e.g. Landmark inserts its tokens and keeps them out of the loss
     summary = train(model, batches, {**ft, "dtype": model_cfg.get("dtype", "float32")}, out, label=f"finetune {cfg['cell_id']}",
                     inputs_fn=lambda batch: attention.training_inputs(model, batch))
-    save_model_dir(model, tokenizer, out / "model")
-    remove_checkpoint(out)
-    write_json(out / "finetune_config.json", cfg)
+    if distributed.active():
+        weights = distributed.full_model_state(model)   # every process takes part; rank 0 gets the weights
+        if distributed.is_main():
+            save_model_dir(model, tokenizer, out / "model", state_dict=weights)
+        torch.distributed.barrier()
+    else:
+        save_model_dir(model, tokenizer, out / "model")
+    if distributed.is_main():
+        remove_checkpoint(out)
+        write_json(out / "finetune_config.json", cfg)
     return summary
 
 
 def main(argv=None) -> None:
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("workflow.finetune was started as one of several processes (WORLD_SIZE="
-                         f"{os.environ['WORLD_SIZE']}), but its training loop does not shard the model or the "
-                         "batches yet: each process would train a full copy. Set finetune.launcher='' (one process).")
     parser = stage_parser(__doc__, "the cell's directory")
     parser.add_argument("--base", required=True, type=Path, help="the base model directory")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     cfg = read_json(args.config)
-    run_cell_stage("finetune", cfg, args.out, lambda: finetune_cell(cfg, args.data_dir, args.base, args.out))
+    distributed.init_from_env()   # before the model is loaded: on CUDA it picks this process's GPU
+    try:
+        run_cell_stage("finetune", cfg, args.out, lambda: finetune_cell(cfg, args.data_dir, args.base, args.out))
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

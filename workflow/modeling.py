@@ -169,13 +169,14 @@ def apply_cell_method(model, cell: dict):
     return model
 
 
-def save_model_dir(model, tokenizer, model_dir: str | Path) -> Path:
-    """Save a model (safetensors) with its tokenizer as a self-contained Hugging Face directory."""
+def save_model_dir(model, tokenizer, model_dir: str | Path, state_dict: dict | None = None) -> Path:
+    """Save a model (safetensors) with its tokenizer as a self-contained Hugging Face directory; `state_dict`
+    replaces the model's own (the full weights of a sharded model)."""
     import shutil
 
     model_dir = Path(model_dir)
     shutil.rmtree(model_dir, ignore_errors=True)
-    model.save_pretrained(model_dir, safe_serialization=True)
+    model.save_pretrained(model_dir, safe_serialization=True, state_dict=state_dict)
     tokenizer.save_pretrained(model_dir)
     return model_dir
 
