@@ -3,12 +3,12 @@ the micro study's CLEX cell on an FSDP2-sharded model, survives a SIGKILL by res
 checkpoint, and follows the loss curve of one process on the same global batch."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -30,16 +30,24 @@ def _torchrun(stage, out, output):
     while we wait would fill up and stop it)."""
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", *map(str, finetune_args(stage, out))]
-    # its own session, so that the kill below reaches the launcher and both workers (and nothing else)
     with open(output, "w") as fh:
         return subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def _kill(proc):
-    """SIGKILL the launcher and both workers (their own session) unless they have already exited."""
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    """SIGKILL the launcher and its workers unless they have already exited. torchrun starts each worker in
+    a session of its own, so killing the launcher's process group would leave them running (and writing)."""
+    if proc.poll() is not None:
+        return
+    launcher = psutil.Process(proc.pid)
+    family = [*launcher.children(recursive=True), launcher]   # the workers first: nothing is written after
+    for p in family:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(family, timeout=30)
+    proc.wait()
 
 
 def test_two_processes_match_one_and_resume_after_a_kill(stage):

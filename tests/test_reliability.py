@@ -92,7 +92,7 @@ def test_evaluation_that_does_not_fit_stops_naming_the_length(stage, monkeypatch
     monkeypatch.setattr(resources, "available_bytes", lambda device="cpu": 2**40)
     evaluate.main(args)   # enough memory: it runs and clears the failure record
     assert not (cell_dir / "failed.json").exists()
-    assert {p.name for p in (cell_dir / "eval").iterdir()} == {"ppl.json", "passkey.json", "needle.json"}
+    assert {p.name for p in (cell_dir / "eval").iterdir()} == {f"{t}.json" for t in stage["cfg"]["eval"]["tasks"]}
 
 
 def test_memory_estimates_grow_with_length_and_count_eager_scores():
