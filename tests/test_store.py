@@ -222,15 +222,20 @@ def test_bad_row_task_skips_the_file(study, tmp_path, capsys):
     assert counts["skipped"] == 1 and "ruler.json: rows[0]: task must be" in capsys.readouterr().err
 
 
+def _ingest_as_older_version(study, db, version: int, undo: str) -> None:
+    """Ingest, then turn the database back into one of an older schema version (`undo` removes what came later)."""
+    store.ingest(study, db, echo=False)
+    con = duckdb.connect(str(db))
+    con.execute(undo)
+    con.execute("UPDATE schema_info SET version = ?", [version])
+    con.close()
+
+
 def test_version_1_database_is_migrated_in_place(study, tmp_path):
     for path in study.glob("cells/*/eval/ruler.json"):  # schema 1 had no per-row task names
         path.unlink()
     db = tmp_path / "metrics.duckdb"
-    store.ingest(study, db, echo=False)
-    con = duckdb.connect(str(db))
-    con.execute("ALTER TABLE metrics DROP COLUMN suite")
-    con.execute("UPDATE schema_info SET version = 1")
-    con.close()
+    _ingest_as_older_version(study, db, 1, "ALTER TABLE metrics DROP COLUMN suite")
     before = query(db, "SELECT count(*) FROM metrics")[0][0]
     store.ingest(study, db, echo=False)
     assert query(db, "SELECT version FROM schema_info") == [(store.SCHEMA_VERSION,)]
@@ -293,11 +298,7 @@ def test_wrong_types_and_old_schema_versions_are_skipped_and_old_rows_kept(study
 
 def test_version_2_database_gains_status_reason_in_place(study, tmp_path):
     db = tmp_path / "metrics.duckdb"
-    store.ingest(study, db, echo=False)
-    con = duckdb.connect(str(db))
-    con.execute("ALTER TABLE cells DROP COLUMN status_reason")
-    con.execute("UPDATE schema_info SET version = 2")
-    con.close()
+    _ingest_as_older_version(study, db, 2, "ALTER TABLE cells DROP COLUMN status_reason")
     store.ingest(study, db, echo=False)
     assert query(db, "SELECT version FROM schema_info") == [(3,)]
     assert query(db, "SELECT count(*) FROM cells WHERE status_reason IS NULL") == [(EXPECTED_COUNTS["cells"],)]

@@ -546,6 +546,7 @@ class Evidence:
     downstream: dict         # score name -> {cell_id: mean score in [0, 1]}
     base_cell: str | None
     base_window: int | None
+    thresholds: dict         # paper.yaml `thresholds`: significance, extrapolation_hard
 
     @property
     def longest(self) -> int | None:
@@ -603,9 +604,10 @@ def rule_ppl_tracks_downstream(ev: Evidence, corr: list[dict]):
     cited = sorted({x for c in usable for x in c["cells"]})
     if any(c["tau"] >= 0 for c in usable):  # the direction itself disagrees
         return "not supported", text, cited
-    if all(c["p"] < 0.05 for c in usable):
+    alpha = ev.thresholds["significance"]
+    if all(c["p"] < alpha for c in usable):
         return "supported", text, cited
-    return "not testable", text + " (negative, but not significant at p < 0.05 with this few cells)", cited
+    return "not testable", text + f" (negative, but not significant at p < {alpha:g} with this few cells)", cited
 
 
 def rule_approximate_underperforms(ev: Evidence, corr):
@@ -625,9 +627,6 @@ def rule_approximate_underperforms(ev: Evidence, corr):
     return ("supported" if approx[best_approx] < median_exact else "not supported"), text, [*approx, *exact]
 
 
-EXTRAPOLATION_HARD = 1.5  # claim 3: median perplexity rise one length beyond training that counts as "hard"
-
-
 def rule_finetuned_within_not_beyond(ev: Evidence, corr):
     cells = ev.of(lambda c: c["family"] == "exact" and c["regime"] == "finetuned")
     ratios = {c["cell_id"]: r for c in cells if (r := _ratio_beyond(ev, c))}
@@ -642,8 +641,8 @@ def rule_finetuned_within_not_beyond(ev: Evidence, corr):
     text = (f"{better_within} of {len(within)} cells beat the base at their training length; one evaluated length "
             f"beyond it, perplexity is {rising[0]:.2f}× to {rising[-1]:.2f}× (median {median:.2f}×) its value "
             f"at the training length (the rule: every cell beats the base there, and the median rise exceeds "
-            f"{EXTRAPOLATION_HARD:g}×)")
-    ok = better_within == len(within) and median > EXTRAPOLATION_HARD
+            f"{ev.thresholds['extrapolation_hard']:g}×)")
+    ok = better_within == len(within) and median > ev.thresholds["extrapolation_hard"]
     return ("supported" if ok else "not supported"), text, [*ratios, ev.base_cell]
 
 
@@ -741,11 +740,12 @@ def findings(ev: Evidence, corr: list[dict], claims: list[dict], retrieval: dict
             break  # one retrieval finding; the tables show the rest
     usable = [c for c in corr if c["tau"] is not None]
     if usable:
-        sig = [c for c in usable if c["p"] < 0.05]
+        alpha = ev.thresholds["significance"]
+        sig = [c for c in usable if c["p"] < alpha]
         text = (f"Rank correlation between perplexity at {fmt_len(ev.longest)} and downstream scores across cells: "
                 + "; ".join(f"{c['score']} τ = {c['tau']:+.2f} (p = {c['p']:.3f}, {c['n']} cells)" for c in usable)
-                + (". " + ("Significant (p < 0.05) for " + ", ".join(c["score"] for c in sig) if sig
-                           else "None is significant at p < 0.05, so this study cannot confirm that perplexity "
+                + (". " + (f"Significant (p < {alpha:g}) for " + ", ".join(c["score"] for c in sig) if sig
+                           else f"None is significant at p < {alpha:g}, so this study cannot confirm that perplexity "
                                 "ranks downstream performance") + "."))
         out.append({"text": text, "cells": sorted({x for c in usable for x in c["cells"]})})
     against = [c for c in claims if c["verdict"] == "not supported"]
@@ -923,7 +923,7 @@ def build_context(db: Db, ppl_clip: float) -> dict:
     # A score that is the same for every cell (e.g. 0% everywhere) ranks nothing: findings and claims skip it.
     informative = {k: v for k, v in downstream.items() if len(set(v.values())) > 1}
     ev = Evidence(cells, {(r["cell_id"], r["eval_len"]): r["value"] for r in ppl["rows"] if r["value"] is not None},
-                  informative, base_cell, base_window)
+                  informative, base_cell, base_window, paper["thresholds"])
     corr = correlations(ev, downstream, paper)
     claims = claims_scoreboard(ev, corr, paper)
     training = training_section(db, cells, study.get("base_train") or {})
