@@ -11,7 +11,9 @@ import shlex
 import sys
 
 sys.path.insert(0, workflow.basedir)
-from workflow.config import ConfigError, cell_record, launch_prefix, code_version, compose, config_hash, expand_grid, stage_config
+from workflow.common import config_hash
+from workflow.tasks import get_task
+from workflow.config import ConfigError, cell_record, launch_prefix, code_version, compose, expand_grid, stage_config
 
 shell.executable("/bin/bash")
 # Jobs run `python -m workflow.<stage>` from the working directory: put this checkout first on their
@@ -32,7 +34,7 @@ FINETUNED = [c for c, cell in CELLS.items() if cell["regime"] == "finetuned"]
 VERSION = code_version()
 # Cluster resources of each model rule (gpu, mem_mb, runtime in minutes), from config/resources/.
 RESOURCES = {rule: dict(CFG.get("resources", {}).get(rule) or {}) for rule in ("data", "base", "finetune", "evaluate")}
-# The fine-tuning command: `python -m workflow.finetune`, or under finetune.launcher (e.g. accelerate/torchrun
+# The fine-tuning command: `python -m workflow.stages.finetune`, or under finetune.launcher (e.g. accelerate/torchrun
 # for multi-GPU FSDP), whose module runner then takes the place of python.
 LAUNCH_FINETUNE = launch_prefix(CFG["finetune"].get("launcher"), PY, workflow.basedir)
 

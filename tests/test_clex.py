@@ -8,7 +8,7 @@ from methods.clex import CLEXODE, CLEXRotaryEmbedding, inference_scale, training
 from methods.ntk import ntk_base
 from methods.rope import default_inv_freq
 from workflow.modeling import load_model
-from tests.models import random_ids, tiny_llama
+from tests.helpers import random_ids, tiny_llama
 
 CLEX = get_method("clex")
 L = 8

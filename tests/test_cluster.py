@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from workflow.config import ConfigError, compose, expand_grid, launch_prefix
 
 
@@ -25,17 +25,17 @@ def test_the_real_studies_dry_run_without_their_models(tmp_path, study, cells, j
     out = snakemake(tmp_path, "-n", "-p", "--cores", "8", "--config", f"study={study}")
     assert re.search(rf"^total\s+{jobs}$", out, re.M), out[-2000:]
     assert f"{cells} cells" in out
-    finetune = [line for line in out.splitlines() if "-m workflow.finetune" in line]
+    finetune = [line for line in out.splitlines() if "-m workflow.stages.finetune" in line]
     assert finetune
     resources = re.findall(r"resources: .*", out)
     want = compose(study)["resources"]
     assert any(f"gpu={want['finetune']['gpu']}, " in r and f"runtime={want['finetune']['runtime']}" in r
                for r in resources)
     if study == "llama2_7b":  # 8-GPU FSDP through accelerate, its config file found from any working directory
-        prefix = f"accelerate launch --config_file {REPO}/config/accelerate/fsdp_8gpu.yaml -m workflow.finetune"
+        prefix = f"accelerate launch --config_file {REPO}/config/accelerate/fsdp_8gpu.yaml -m workflow.stages.finetune"
         assert all(prefix in line for line in finetune), finetune[0][-400:]
     else:
-        assert all(f"{sys.executable} -m workflow.finetune" in line for line in finetune)
+        assert all(f"{sys.executable} -m workflow.stages.finetune" in line for line in finetune)
     assert not (tmp_path / "results").exists()  # a dry run touches nothing
 
 

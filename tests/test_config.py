@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from workflow.config import ConfigError, cell_id, cell_record, compose, expand_grid
 
 TINY_CELLS = {

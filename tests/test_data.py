@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from workflow import data, retrieval
+from workflow import corpus, retrieval
+from workflow.stages.data import build_data
 
 FIXTURE = Path(__file__).parent / "fixtures" / "corpus"
 LENGTHS = [128, 256, 512]  # 128 is too short for a passkey prompt with a 300-token vocabulary
@@ -26,7 +27,7 @@ def fixture_config(**overrides) -> dict:
 def built(tmp_path_factory):
     """Two independent builds of the fixture corpus."""
     dirs = [tmp_path_factory.mktemp(f"data{i}") for i in range(2)]
-    manifests = [data.build_data(fixture_config(), d) for d in dirs]
+    manifests = [build_data(fixture_config(), d) for d in dirs]
     return dirs, manifests
 
 
@@ -51,7 +52,7 @@ def test_manifest_fields(built):
     tok = manifest["tokenizer"]
     assert tok["vocab_size"] == 300
     assert (tok["unk_id"], tok["bos_id"], tok["eos_id"], tok["pad_id"]) == (0, 1, 2, 3)
-    for split in data.SPLITS:
+    for split in corpus.SPLITS:
         info = manifest["splits"][split]
         assert info["files"] == len(manifest["files"][split]) > 0
         assert info["bytes"] > 0 and info["tokens"] > 0
@@ -64,7 +65,7 @@ def test_manifest_fields(built):
 
 def test_split_by_file_is_disjoint_and_complete(built):
     files = built[1][0]["files"]
-    names = [n for split in data.SPLITS for n in files[split]]
+    names = [n for split in corpus.SPLITS for n in files[split]]
     assert len(names) == len(set(names))
     # every .txt/.md/.py file and every .jsonl line, except the blank file and the .csv
     expected = {p.relative_to(FIXTURE).as_posix() for p in FIXTURE.rglob("*") if p.suffix in (".txt", ".md", ".py")}
@@ -83,17 +84,17 @@ def test_builds_are_deterministic(built):
 
 def test_other_seed_gives_other_split(tmp_path):
     names = [f"f{i}" for i in range(40)]
-    one = data.split_names(names, {"validation": 0.1, "test": 0.1}, seed=1)
-    two = data.split_names(names, {"validation": 0.1, "test": 0.1}, seed=2)
+    one = corpus.split_names(names, {"validation": 0.1, "test": 0.1}, seed=1)
+    two = corpus.split_names(names, {"validation": 0.1, "test": 0.1}, seed=2)
     assert one != two
     assert sorted(sum(one.values(), [])) == sorted(names)
-    assert len(data.split_names(names, {"validation": 0.1, "test": 0.1}, seed=1, max_files=10)["train"]) == 8
+    assert len(corpus.split_names(names, {"validation": 0.1, "test": 0.1}, seed=1, max_files=10)["train"]) == 8
 
 
 def test_token_files_are_uint16_with_eos_between_documents(built, tokenizer):
     out, manifest = built[0][0], built[1][0]
     eos = manifest["tokenizer"]["eos_id"]
-    for split in data.SPLITS:
+    for split in corpus.SPLITS:
         ids = np.load(out / f"{split}.npy")
         assert ids.dtype == np.uint16 and ids.ndim == 1
         assert int((ids == eos).sum()) == len(manifest["files"][split]) - 1
@@ -112,7 +113,7 @@ def test_token_files_are_uint16_with_eos_between_documents(built, tokenizer):
 def test_tokenizer_reloads_without_automatic_bos(tokenizer):
     assert tokenizer.bos_token == "<s>" and tokenizer.eos_token == "</s>"
     assert tokenizer.unk_token == "<unk>" and tokenizer.pad_token == "<pad>"
-    assert tokenizer.model_max_length == data.MODEL_MAX_LENGTH
+    assert tokenizer.model_max_length == corpus.MODEL_MAX_LENGTH
     text = "def count(records):\n    return 42  # the heron"
     ids = tokenizer(text)["input_ids"]
     assert tokenizer.bos_token_id not in ids
@@ -182,29 +183,29 @@ def test_hf_source_fails_fast_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(RuntimeError, match="ctxext-no-such/dataset-xyz.*offline"):
-        data.open_source({"source": "hf", "hf_name": "ctxext-no-such/dataset-xyz", "hf_split": "train"})
+        corpus.open_source({"source": "hf", "hf_name": "ctxext-no-such/dataset-xyz", "hf_split": "train"})
 
 
 def test_local_source_errors_name_the_path(tmp_path):
     missing = tmp_path / "nowhere"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        data.open_source({"source": "local", "path": str(missing)})
+        corpus.open_source({"source": "local", "path": str(missing)})
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no"):
-        data.open_source({"source": "local", "path": str(tmp_path / "empty")})
+        corpus.open_source({"source": "local", "path": str(tmp_path / "empty")})
     with pytest.raises(ValueError, match="unknown data.source"):
-        data.open_source({"source": "web"})
+        corpus.open_source({"source": "web"})
 
 
 def test_failed_build_leaves_no_manifest(tmp_path):
     (tmp_path / "manifest.json").write_text("{}")
     with pytest.raises(FileNotFoundError):
-        data.build_data(fixture_config(path=str(tmp_path / "nowhere")), tmp_path)
+        build_data(fixture_config(path=str(tmp_path / "nowhere")), tmp_path)
     assert not (tmp_path / "manifest.json").exists()
 
 
 def test_stdlib_lister_excludes_tests():
-    files = data.stdlib_files()
+    files = corpus.stdlib_files()
     assert len(files) > 100
     assert "os.py" in files and "json/decoder.py" in files
     for name in files:

@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO
-from tests.stages import finetune_args, read_log, run_module
+from tests.helpers import REPO, finetune_args, read_log, run_module
 from workflow import distributed
 
 # One process and two see the same rows and, at every step, the same mean loss up to the order of float32

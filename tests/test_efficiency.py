@@ -9,9 +9,9 @@ from methods import get_attention, get_method
 from workflow import runtime
 from workflow.batches import finetune_batches
 from workflow.config import ConfigError, compose
-from workflow.evaluate import token_losses
-from workflow.train import _optimizer, train
-from tests.models import random_ids, tiny_llama
+from workflow.scoring import token_losses
+from workflow.train import optimizer_for, train
+from tests.helpers import random_ids, tiny_llama
 
 W = 32
 
@@ -69,7 +69,7 @@ def test_fused_adamw_only_on_cuda():
     model = cell_model()
     assert not runtime.use_fused_adamw(model, {"fused_adamw": True})  # CPU weights
     cfg = {"fused_adamw": True, "weight_decay": 0.0, "lr": 1e-3, "betas": [0.9, 0.95]}
-    assert not _optimizer(model, cfg).defaults["fused"]
+    assert not optimizer_for(model, cfg).defaults["fused"]
 
 
 def test_gradient_checkpointing_trains_the_same_model(tmp_path):
@@ -89,7 +89,7 @@ def test_gradient_checkpointing_trains_the_same_model(tmp_path):
 
 
 def test_the_cost_benchmark_writes_its_rows(tmp_path, capsys):
-    from workflow.bench_cost import main
+    from workflow.tools.bench_cost import main
 
     db = tmp_path / "bench.duckdb"
     cells = ["pi-exact-128-ft", "none-lm_infinite-64-frozen", "yarn-exact-256-frozen"]
@@ -112,7 +112,7 @@ def test_the_cost_benchmark_writes_its_rows(tmp_path, capsys):
 
 
 def test_the_gpu_targets_are_checked_from_the_rows():
-    from workflow.bench_cost import check_targets
+    from workflow.tools.bench_cost import check_targets
 
     targets = {"rope_throughput_overhead": 0.05, "finetune_mfu": 0.3, "finetune_mfu_len": 16384,
                "lm_infinite_memory_ratio": 0.25, "lm_infinite_memory_len": 65536}

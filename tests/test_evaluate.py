@@ -5,7 +5,9 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from workflow.evaluate import answers_correct, document_bounds, evaluate_ppl, ppl_spans, wilson
+from workflow.corpus import document_bounds
+from workflow.scoring import answers_correct, evaluate_ppl, ppl_spans
+from workflow.stats import wilson
 
 
 def test_spans_stay_inside_documents_when_possible():

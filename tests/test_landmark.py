@@ -10,7 +10,7 @@ import torch
 from methods import attention_of, get_method, restore
 from methods.landmark import (LandmarkMemory, grouped_weights, insert_landmarks, memory_attention, rotate,
                               select_blocks, window_length)
-from tests.models import tiny_llama
+from tests.helpers import tiny_llama
 
 
 # --- a naive reference, written independently of the implementation -------------------------------------------

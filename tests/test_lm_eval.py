@@ -1,6 +1,7 @@
 """The ctxext lm-eval model (no truncation, logits through the attention kind, greedy generation), the
 lm_eval suite's rows and hub checks, and an end-to-end RULER run into DuckDB."""
 import json
+import statistics
 from pathlib import Path
 
 import duckdb
@@ -9,7 +10,7 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from tests.models import stdlib_tokenizer, tiny_llama
+from tests.helpers import stdlib_tokenizer, tiny_llama
 from workflow import lm_eval_suites
 from workflow.lm_eval_model import CellLM
 
@@ -102,17 +103,19 @@ def test_rows_from_lm_eval_results():
     assert rows[0] == {"task": "niah_single_1", "eval_len": 4096, "metric": "score", "value": 0.75, "n": None}
     lb = rows[1]
     assert (lb["eval_len"], lb["metric"], lb["value"]) == (2048, "acc", 0.5)
-    assert lb["ci_low"] == pytest.approx(0.304) and lb["ci_high"] == pytest.approx(0.696)
+    z = statistics.NormalDist().inv_cdf(0.975)  # 1.95996...: a 95% normal interval around lm-eval's stderr
+    assert lb["ci_low"] == pytest.approx(0.5 - z * 0.1) and lb["ci_high"] == pytest.approx(0.5 + z * 0.1)
     assert len(rows) == 2  # the -1 placeholder of an absent length is no row
 
 
-def test_score_rows_use_wilson_for_binary_scores_and_a_normal_interval_otherwise():
-    from workflow.evaluate import wilson
+def test_score_rows_use_wilson_for_binary_scores_and_a_t_interval_otherwise():
+    from workflow.stats import wilson
 
     row = lm_eval_suites.score_row("vt", 256, [1.0, 0.0, 1.0, 1.0])
     assert (row["value"], row["n"]) == (0.75, 4) and (row["ci_low"], row["ci_high"]) == wilson(3, 4)
-    row = lm_eval_suites.score_row("niah_multivalue", 256, [0.5, 0.25, 0.75])
-    assert row["value"] == pytest.approx(0.5) and row["ci_low"] == pytest.approx(0.5 - 1.96 * 0.25 / 3 ** 0.5)
+    row = lm_eval_suites.score_row("niah_multivalue", 256, [0.5, 0.6, 0.7])
+    t_975_df2 = 4.302652729911275  # Student t quantile, 2 degrees of freedom (tables)
+    assert row["value"] == pytest.approx(0.6) and row["ci_low"] == pytest.approx(0.6 - t_975_df2 * 0.1 / 3 ** 0.5)
 
 
 def test_chat_template_needs_a_tokenizer_with_one(tok_and_text):
@@ -147,16 +150,16 @@ def test_hub_tasks_are_found_and_a_local_file_in_their_format_runs(tok_and_text,
 
 @pytest.mark.slow
 def test_two_ruler_tasks_run_through_lm_eval_into_duckdb(tmp_path):
-    from tests.results_fixture import build_study
+    from tests.helpers import build_study
     from workflow import store
     from workflow.config import compose, expand_grid, stage_config
-    from workflow.evaluate import evaluate_cell
+    from workflow.stages.evaluate import evaluate_cell
     from workflow.modeling import save_model_dir
 
     tokenizer, texts = stdlib_tokenizer()
     data_dir = tmp_path / "data"
     tokenizer.save_pretrained(data_dir / "tokenizer")
-    from workflow.data import encode_documents
+    from workflow.corpus import encode_documents
 
     np.save(data_dir / "test.npy", encode_documents(tokenizer, texts, tokenizer.eos_token_id))
     (data_dir / "manifest.json").write_text(json.dumps({"tokenizer": {"eos_id": tokenizer.eos_token_id}}))

@@ -10,7 +10,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from methods import ATTENTIONS, get_attention, get_method
 from methods.lm_infinite import ATTN_IMPLEMENTATION, lm_infinite_scores_attention
-from tests.models import logits, random_ids, tiny_llama
+from tests.helpers import logits, random_ids, tiny_llama
 
 W = 16  # base window of the tiny model
 
@@ -220,7 +220,7 @@ def test_defaults_and_validation():
 
 def test_benchmark_script_runs_on_small_lengths():
     """Smoke test of workflow/bench_attention.py (no timing assertions: it is a benchmark, not a timed test)."""
-    from workflow.bench_attention import run_benchmark, summary
+    from workflow.tools.bench_attention import run_benchmark, summary
 
     rows = run_benchmark([32, 64], ["sdpa", "lm_infinite"], n_local=16, repeats=1, measure=("time",), verbose=False)
     assert [(r["kind"], r["n"]) for r in rows] == [("sdpa", 32), ("lm_infinite", 32), ("sdpa", 64),

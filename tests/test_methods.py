@@ -11,7 +11,7 @@ import methods
 from methods import METHODS, get_method, restore
 from methods.rope import verify_rotary
 from methods.yarn import correction_range, mscale
-from tests.models import logits, random_ids, tiny_llama
+from tests.helpers import logits, random_ids, tiny_llama
 
 L, TARGET = 64, 256  # tiny model windows (s = 4)
 NAMES = ["none", "pi", "ntk", "dynamic_ntk", "yarn"]  # fixed frequency methods (CLEX: tests/test_clex.py)

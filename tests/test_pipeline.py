@@ -7,7 +7,7 @@ import sys
 import duckdb
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers import REPO
 from workflow.config import compose, expand_grid
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ def test_rerun_is_a_no_op_and_ingest_is_idempotent(study):
     workdir, results, _ = study
     before = counts(results / "metrics.duckdb")
     assert "Nothing to be done" in snakemake(workdir, "report", "--config", "study=micro")
-    subprocess.run([sys.executable, "-m", "workflow.store", "--study-dir", str(results), "--db",
+    subprocess.run([sys.executable, "-m", "workflow.stages.ingest", "--study-dir", str(results), "--db",
                     str(results / "metrics.duckdb")], check=True, cwd=REPO, capture_output=True)
     assert counts(results / "metrics.duckdb") == before
     snakemake(workdir, "report", "--forcerun", "ingest", "--config", "study=micro")   # the workflow's ingest again

@@ -6,9 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from results_fixture import HOSTILE, build_study
+from tests.helpers import HOSTILE, build_study
 
-from workflow import publish, report, store
+from workflow import report, store
+from workflow.stages import publish
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -60,5 +61,5 @@ def test_snakemake_publish_target_dry_run(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout + run.stderr
     assert "rule publish:" in out and re.search(r"^publish\s+1$", out, flags=re.M)
-    assert f"-m workflow.publish --study-dir results/micro --dest {tmp_path / 'site'}" in out
+    assert f"-m workflow.stages.publish --study-dir results/micro --dest {tmp_path / 'site'}" in out
     assert "results/micro/report_tables" in out  # the report rule declares its exported tables

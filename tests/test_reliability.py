@@ -12,10 +12,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import REPO
-from tests.stages import CLEX, FROZEN, OVERRIDES, finetune_args as _finetune, read_log as _log, run_module as _run
-from workflow import evaluate, resources
-from workflow.config import config_hash, stage_config
+from tests.helpers import REPO, CLEX, FROZEN, OVERRIDES, finetune_args as _finetune, read_log as _log, run_module as _run
+from workflow import resources
+from workflow.common import config_hash
+from workflow.config import stage_config
+from workflow.stages import evaluate
 
 
 def test_killed_finetune_resumes_to_the_same_weights_and_loss_curve(stage):
@@ -96,7 +97,7 @@ def test_evaluation_that_does_not_fit_stops_naming_the_length(stage, monkeypatch
 
 
 def test_memory_estimates_grow_with_length_and_count_eager_scores():
-    from tests.models import tiny_llama
+    from tests.helpers import tiny_llama
 
     sdpa, eager = tiny_llama(), tiny_llama(attn_implementation="eager")
     short, long = resources.estimate_eval_bytes(sdpa, 1024, 1024), resources.estimate_eval_bytes(sdpa, 8192, 1024)

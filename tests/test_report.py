@@ -9,10 +9,11 @@ from html.parser import HTMLParser
 
 import duckdb
 import pytest
-from results_fixture import (ABSENT_CELL, HOSTILE, HOSTILE_CELL, MISSING_CELL, PPL, RULER_CELLS, RULER_LENGTHS,
+from tests.helpers import (ABSENT_CELL, HOSTILE, HOSTILE_CELL, MISSING_CELL, PPL, RULER_CELLS, RULER_LENGTHS,
                              RULER_TASKS, build_study, ruler_score)
 
 from workflow import report, store
+from workflow.stages import report as report_stage
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +190,7 @@ def test_empty_study_and_missing_db(tmp_path, capsys):
     store.ingest(study, db, echo=False)
     report.render_report(db, tmp_path / "empty.html")
     assert "No results stored yet." in (tmp_path / "empty.html").read_text()
-    assert report.main(["--db", str(tmp_path / "nope.duckdb"), "--out", str(tmp_path / "x.html")]) == 2
+    assert report_stage.main(["--db", str(tmp_path / "nope.duckdb"), "--out", str(tmp_path / "x.html")]) == 2
     assert "run the store stage first" in capsys.readouterr().err
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.models import stdlib_tokenizer
-from workflow import data, ruler
+from tests.helpers import stdlib_tokenizer
+from workflow import corpus, ruler
 
 TASK_DIR = Path(__file__).resolve().parent.parent / "workflow" / "lm_eval_tasks" / "ctxext_ruler"
 OFFLINE = [f for f in ruler.FAMILIES if ruler.FAMILIES[f].kind != "qa"]
@@ -18,7 +18,7 @@ OFFLINE = [f for f in ruler.FAMILIES if ruler.FAMILIES[f].kind != "qa"]
 def source():
     """A 512-token BPE trained on a few standard-library modules, whose text is the haystack corpus."""
     tokenizer, texts = stdlib_tokenizer()
-    ids = data.encode_documents(tokenizer, texts, tokenizer.eos_token_id)
+    ids = corpus.encode_documents(tokenizer, texts, tokenizer.eos_token_id)
     return ruler.make_source(tokenizer, ids)
 
 

@@ -5,8 +5,7 @@ import re
 import pytest
 import torch
 
-from tests.conftest import REPO
-from tests.models import tiny_llama
+from tests.helpers import REPO, tiny_llama
 from workflow.modeling import load_model
 from workflow.report import make_env
 

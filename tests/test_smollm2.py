@@ -74,7 +74,7 @@ def test_the_converted_directory_reloads_with_identical_logits(imported):
 
 def test_the_base_stage_imports_and_saves(imported, tmp_path, monkeypatch):
     """The base stage's import branch (the import itself is the fixture's, to load the GGUF once)."""
-    import workflow.base as base
+    import workflow.stages.base as base
 
     model, tokenizer, provenance, _ = imported
     tokenizer.save_pretrained(tmp_path / "data" / "tokenizer")
@@ -101,7 +101,7 @@ def test_a_hub_source_offline_stops_with_a_clear_message(monkeypatch):
 
 
 def test_the_data_stage_records_how_many_test_documents_reach_each_length():
-    from workflow.data import documents_reaching
+    from workflow.corpus import documents_reaching
 
     eos = 0
     ids = np.array([5] * 200 + [eos] + [5] * 1000 + [eos] + [5] * 100, dtype=np.uint16)  # documents of 200, 1000, 100

@@ -5,9 +5,10 @@ import sys
 
 import duckdb
 import pytest
-from results_fixture import EXPECTED_COUNTS, MISSING_CELL, build_study
+from tests.helpers import EXPECTED_COUNTS, MISSING_CELL, build_study
 
 from workflow import store
+from workflow.stages import ingest
 
 TABLES = ("schema_info", "runs", "cells", "train_log", "metrics", "study")
 
@@ -157,7 +158,7 @@ def test_newer_schema_is_refused(study, tmp_path, capsys):
     before = snapshot(db)
     with pytest.raises(store.StoreError, match="schema version 99"):
         store.ingest(study, db, echo=False)
-    assert store.main(["--study-dir", str(study), "--db", str(db)]) == 2
+    assert ingest.main(["--study-dir", str(study), "--db", str(db)]) == 2
     assert "newer than this code's version" in capsys.readouterr().err
     assert snapshot(db) == before
 
@@ -184,11 +185,11 @@ def test_exports_hold_every_metric_row(study, tmp_path):
 
 def test_cli_prints_summary(study, tmp_path, capsys):
     db = tmp_path / "metrics.duckdb"
-    assert store.main(["--study-dir", str(study), "--db", str(db), "--run-id", "r1"]) == 0
+    assert ingest.main(["--study-dir", str(study), "--db", str(db), "--run-id", "r1"]) == 0
     out = capsys.readouterr().out
     assert "run r1" in out and "missing results" in out and f"{EXPECTED_COUNTS['metrics']} rows" in out
     (study / "cells" / "pi-exact-512-ft" / "eval" / "needle.json").write_text("[]")
-    assert store.main(["--study-dir", str(study), "--db", str(db), "--strict"]) == 1
+    assert ingest.main(["--study-dir", str(study), "--db", str(db), "--strict"]) == 1
     assert query(db, "SELECT count(*) FROM runs") == [(2,)]
 
 
@@ -258,7 +259,7 @@ def test_failed_cell_is_marked_with_its_reason_and_has_no_metrics(study, tmp_pat
     assert counts["cells_failed"] == [(cell, query(db, "SELECT status_reason FROM cells WHERE cell_id = ?",
                                                    [cell])[0][0])]
     assert query(db, "SELECT count(*) FROM cells WHERE status = 'ok'") == [(EXPECTED_COUNTS["cells"] - 2,)]
-    assert "1 failed" in store.format_summary(counts, study, db)
+    assert "1 failed" in ingest.format_summary(counts, study, db)
     (study / "cells" / cell / "failed.json").unlink()   # a successful rerun removes the record
     store.ingest(study, db, echo=False)
     assert query(db, "SELECT status, status_reason FROM cells WHERE cell_id = ?", [cell]) == [("ok", None)]

@@ -7,7 +7,7 @@ import torch
 
 from workflow.batches import finetune_batches, pretrain_batches
 from workflow.train import lr_at, train
-from tests.models import tiny_llama
+from tests.helpers import tiny_llama
 
 CFG = {"steps": 6, "lr": 1e-2, "schedule": "cosine", "warmup_steps": 2, "min_lr_ratio": 0.1, "weight_decay": 0.1,
        "betas": [0.9, 0.95], "grad_clip": 1.0, "seed": 0, "checkpoint_every": 3}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import resource
@@ -34,6 +35,9 @@ def write_json(path: str | Path, obj, indent: int | None = 1) -> Path:
 
 
 FAILURE_FILE = "failed.json"
+# Version of the JSON files the stages write and the store reads (eval/<task>.json, cell.json, failed.json, the
+# data manifest); the store skips a file of another version with a message.
+RESULT_SCHEMA_VERSION = 1
 
 
 def run_cell_stage(stage: str, cfg: dict, cell_dir: Path, fn):
@@ -43,18 +47,21 @@ def run_cell_stage(stage: str, cfg: dict, cell_dir: Path, fn):
     'failed' with the reason. A leftover record of an earlier attempt is removed first."""
     import torch
 
-    from workflow.config import config_hash
-
     record = Path(cell_dir) / FAILURE_FILE
     record.unlink(missing_ok=True)
     try:
         return fn()
     except (FloatingPointError, MemoryError, torch.OutOfMemoryError) as exc:
         reason = f"{type(exc).__name__}: {exc}"
-        write_json(record, {"schema_version": 1, "cell_id": cfg["cell_id"], "stage": stage, "reason": reason,
+        write_json(record, {"schema_version": RESULT_SCHEMA_VERSION, "cell_id": cfg["cell_id"], "stage": stage, "reason": reason,
                             "config_hash": config_hash(cfg)})
         log(f"FAILED {cfg['cell_id']} ({stage}): {reason}; recorded in {record}")
         raise SystemExit(1) from exc
+
+
+def config_hash(obj) -> str:
+    """SHA-256 of a configuration's canonical JSON (sorted keys): what decides whether a stored result is current."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def set_threads(threads: int) -> int:

@@ -5,17 +5,20 @@ compute, with a message that names the offending key and value.
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import subprocess
 from pathlib import Path
 
+from methods import ATTENTIONS, METHODS, REGIMES, get_attention, get_method
+from workflow.common import RESULT_SCHEMA_VERSION, config_hash
+from workflow.modeling import MODEL_SOURCES
+from workflow.runtime import ATTN_IMPLEMENTATIONS, DTYPES
+from workflow.tasks import TASKS, TaskConfigError
+from workflow.train import SCHEDULES
+
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "config"
-REGIMES = ("frozen", "finetuned")
 AXES = ("rope", "attention", "train_len", "regime")
-SCHEDULES = ("cosine", "constant_with_warmup")  # learning-rate schedules of workflow.train.lr_at
 
 
 class ConfigError(ValueError):
@@ -51,14 +54,11 @@ def validate(cfg: dict) -> None:
     """Checks that do not need the grid: windows, lengths, steps."""
     model, ev = cfg["model"], cfg["eval"]
     _positive_int(model["base_window"], "model.base_window")
-    sources = ("scratch", "hf_dir", "gguf_package", "hub")
-    if model["source"] not in sources:
-        raise ConfigError(f"model.source must be one of {', '.join(sources)}, got {model['source']!r}")
+    if model["source"] not in MODEL_SOURCES:
+        raise ConfigError(f"model.source must be one of {', '.join(MODEL_SOURCES)}, got {model['source']!r}")
     for source, key in (("gguf_package", "package"), ("hub", "hub_id")):
         if model["source"] == source and not model.get(key):
             raise ConfigError(f"model.source={source!r} needs model.{key}, got {model.get(key)!r}")
-    from workflow.runtime import ATTN_IMPLEMENTATIONS, DTYPES
-
     if model.get("dtype", "float32") not in DTYPES:
         raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {model.get('dtype')!r}")
     if model.get("attn_implementation", "sdpa") not in ATTN_IMPLEMENTATIONS:
@@ -87,41 +87,28 @@ def validate(cfg: dict) -> None:
         if cfg[stage]["schedule"] not in SCHEDULES:
             raise ConfigError(f"{stage}.schedule={cfg[stage]['schedule']!r} is not known; valid: "
                               f"{', '.join(SCHEDULES)}")
-    valid = ("ppl", "passkey", "needle", "ruler", "lm_eval")
-    unknown = set(ev["tasks"]) - set(valid)
+    _validate_tasks(ev)
+
+
+def _validate_tasks(ev: dict) -> None:
+    """eval.tasks names registered tasks (workflow.tasks); each task checks its own part of `eval`."""
+    unknown = [t for t in ev["tasks"] if t not in TASKS]
     if unknown:
-        raise ConfigError(f"eval.tasks has unknown task(s) {sorted(unknown)}; valid: {', '.join(valid)}")
-    _validate_lm_eval_suites(ev)
-
-
-def _validate_lm_eval_suites(ev: dict) -> None:
-    from workflow.ruler import FAMILIES
-
+        raise ConfigError(f"eval.tasks has unknown task(s) {unknown}; valid: {', '.join(TASKS)}")
     if not isinstance(ev.get("chat_template", False), bool):
         raise ConfigError(f"eval.chat_template must be true or false, got {ev['chat_template']!r}")
     if "ruler" in ev["tasks"] or "lm_eval" in ev["tasks"]:
         _positive_int(ev["max_gen_toks"], "eval.max_gen_toks")
         _positive_int(ev["gen_batch_size"], "eval.gen_batch_size")
     if "ruler" in ev["tasks"]:
-        ruler = ev["ruler"]
-        unknown = [t for t in ruler["tasks"] if t not in FAMILIES]
-        if unknown or not ruler["tasks"]:
-            raise ConfigError(f"eval.ruler.tasks has unknown or no families {unknown}; valid: {', '.join(FAMILIES)}")
-        for i, n in enumerate(ruler["lengths"]):
+        for i, n in enumerate(ev["ruler"]["lengths"]):
             _positive_int(n, f"eval.ruler.lengths[{i}]")
-        _positive_int(ruler["samples"], "eval.ruler.samples")
-        for family, path in (ruler.get("qa_files") or {}).items():
-            if family not in ("qa_1", "qa_2"):
-                raise ConfigError(f"eval.ruler.qa_files.{family}: only qa_1 and qa_2 take a QA file")
-            if path and not Path(path).is_file():
-                raise ConfigError(f"eval.ruler.qa_files.{family}={path!r} is not a file")
-    if "lm_eval" in ev["tasks"]:
-        cfg = ev["lm_eval"]
-        if not cfg["tasks"]:
-            raise ConfigError("eval.tasks lists lm_eval but eval.lm_eval.tasks is empty")
-        for task, path in (cfg.get("data_files") or {}).items():
-            if not Path(path).is_file():
-                raise ConfigError(f"eval.lm_eval.data_files.{task}={path!r} is not a file")
+        _positive_int(ev["ruler"]["samples"], "eval.ruler.samples")
+    for name in ev["tasks"]:
+        try:
+            TASKS[name].validate(ev)
+        except TaskConfigError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def cell_id(rope: str, attention: str, train_len: int, regime: str) -> str:
@@ -135,8 +122,6 @@ def _as_list(value) -> list:
 
 def expand_grid(cfg: dict) -> list[dict]:
     """All cells of the study's grid, validated, in config order (duplicates are an error)."""
-    from methods import ATTENTIONS, METHODS
-
     base_window = cfg["model"]["base_window"]
     cells, seen = [], {}
     for index, entry in enumerate(cfg["grid"]):
@@ -190,8 +175,6 @@ def expand_grid(cfg: dict) -> list[dict]:
 
 def _method_params(cfg, rope, base_window, train_len, regime, entry_params, where) -> dict:
     """The method's resolved hyperparameters: its own defaults < config/method < grid entry params."""
-    from methods import get_method
-
     method = get_method(rope)
     params = dict(method.defaults(original_window=base_window, target_window=train_len, regime=regime))
     params.update(cfg.get("method", {}).get(rope) or {})
@@ -207,8 +190,6 @@ def _method_params(cfg, rope, base_window, train_len, regime, entry_params, wher
 
 def _attention_params(cfg, attention, base_window, train_len, regime, entry_params, where) -> dict:
     """The attention kind's resolved parameters: its own defaults < config/method < grid entry attention_params."""
-    from methods import get_attention
-
     overrides = {**(cfg.get("method", {}).get(attention) or {}), **entry_params}
     try:
         return get_attention(attention).resolve(base_window, train_len, regime, **overrides)
@@ -236,10 +217,6 @@ def stage_config(cfg: dict, cell: dict | None = None, stage: str = "cell") -> di
     raise ValueError(f"unknown stage {stage!r}")
 
 
-def config_hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def code_version() -> str:
     """The git commit of the code (with '-dirty' if tracked files differ), or 'unknown'."""
     try:
@@ -255,12 +232,12 @@ def code_version() -> str:
 def cell_record(cfg: dict, cell: dict, version: str) -> dict:
     """The content of cells/<cell_id>/cell.json: axes, method parameters, resolved config and its hash."""
     resolved = stage_config(cfg, cell, "evaluate")
-    return {"schema_version": 1, "study": cfg["study"]["name"], **cell, "config": resolved,
+    return {"schema_version": RESULT_SCHEMA_VERSION, "study": cfg["study"]["name"], **cell, "config": resolved,
             "config_hash": config_hash(resolved), "code_version": version}
 
 
 def launch_prefix(launcher: str | None, python: str, base: str | Path = REPO) -> str:
-    """The start of the fine-tuning shell command: `python` (then `-m workflow.finetune ...`), or the configured
+    """The start of the fine-tuning shell command: `python` (then `-m workflow.stages.finetune ...`), or the configured
     `finetune.launcher` (e.g. `accelerate launch --config_file ...` or `torchrun --nproc_per_node 8`, both of which
     take `-m <module>`). A word naming a file under `base` (the repository) becomes an absolute path, so the
     command works from any working directory. Quoted for the shell, braces escaped for Snakemake's formatting."""

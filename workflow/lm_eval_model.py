@@ -11,14 +11,10 @@ exactly as the evaluate stage does) served to lm-evaluation-harness.
   one forward pass over the whole sequence per generated token, which is fine for answers of a few
   tokens; rows of the same prompt length are decoded as one batch.
 
-From the command line (the module registers the model, then hands over to lm-eval's CLI):
-
-    python -m workflow.lm_eval_model run --model ctxext \
-        --model_args cell=results/tiny/cells/yarn-exact-1024-ft --tasks hellaswag
+From the command line: `python -m workflow.tools.lm_eval` (registers the model, then hands over to lm-eval's CLI).
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import torch
@@ -29,7 +25,7 @@ from lm_eval.models.huggingface import HFLM
 
 from methods import attention_of
 from workflow.common import read_json
-from workflow.evaluate import cell_model
+from workflow.modeling import cell_model
 
 DEFAULT_MAX_GEN_TOKS = 128
 
@@ -120,14 +116,3 @@ class CellLM(HFLM):
                 if all(done):
                     break
         return out
-
-
-def main(argv=None) -> None:
-    from lm_eval.__main__ import cli_evaluate
-
-    sys.argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
-    cli_evaluate()
-
-
-if __name__ == "__main__":
-    main()

@@ -3,7 +3,7 @@ cell's model object, workflow.lm_eval_model.CellLM), written as tidy rows like e
 
 - ruler: our seeded RULER-style families (workflow/ruler.py, task files in workflow/lm_eval_tasks/);
   one row per (task, eval_len) with the mean score and its interval (Wilson where every score is 0/1,
-  else a normal interval on the per-sample scores).
+  else a t-interval on the per-sample scores).
 - lm_eval: any lm-eval task list of the study config (`eval.lm_eval.tasks`), e.g. lm-eval's own `ruler`
   for studies at >= 4k tokens, `longbench`, `longbench2`, `babilong`. Hub-backed datasets are checked
   before anything runs: offline (HF_DATASETS_OFFLINE, the default) a dataset that is not in the local
@@ -23,6 +23,7 @@ from pathlib import Path
 import workflow.common  # noqa: F401  (offline defaults first)
 from workflow.common import log
 from workflow.ruler import FAMILIES, metadata_family, task_metadata
+from workflow.stats import score_interval, stderr_interval
 
 TASK_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 RULER_PREFIX = "ctxext_"
@@ -31,18 +32,9 @@ SEEDS = {"random_seed": 0, "numpy_random_seed": 1234, "torch_random_seed": 1234,
 
 
 def score_row(task: str, eval_len: int, scores: list[float]) -> dict:
-    """One tidy row from per-sample scores in [0, 1]."""
-    from workflow.evaluate import wilson
-
-    n = len(scores)
-    mean = sum(scores) / n
-    if all(s in (0.0, 1.0) for s in scores):
-        low, high = wilson(int(sum(scores)), n)
-    else:
-        sd = math.sqrt(sum((s - mean) ** 2 for s in scores) / (n - 1)) if n > 1 else float("nan")
-        half = 1.96 * sd / math.sqrt(n)
-        low, high = max(0.0, mean - half), min(1.0, mean + half)
-    return {"task": task, "eval_len": int(eval_len), "metric": "score", "value": mean, "n": n,
+    """One tidy row from per-sample scores in [0, 1] (Wilson interval for 0/1 scores, else a t-interval)."""
+    mean, low, high = score_interval(scores)
+    return {"task": task, "eval_len": int(eval_len), "metric": "score", "value": mean, "n": len(scores),
             "ci_low": low, "ci_high": high}
 
 
@@ -181,7 +173,7 @@ def lm_eval_rows(results: dict, eval_len: int) -> list[dict]:
             row = {"task": task, "eval_len": length, "metric": name if filt == "none" else f"{name},{filt}",
                    "value": float(value), "n": None}
             if isinstance(stderr, (int, float)) and math.isfinite(stderr):
-                row.update(ci_low=value - 1.96 * stderr, ci_high=value + 1.96 * stderr)
+                row.update(zip(("ci_low", "ci_high"), stderr_interval(value, stderr)))
             rows.append(row)
     return rows
 

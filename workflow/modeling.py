@@ -14,6 +14,7 @@ from workflow.runtime import check_attn_implementation, compute_dtype, device
 
 # Where the base stage (and the data stage, for the tokenizer) imports a checkpoint from; `scratch` pretrains.
 IMPORT_SOURCES = ("hf_dir", "gguf_package", "hub")
+MODEL_SOURCES = ("scratch", *IMPORT_SOURCES)  # the values of model.source
 
 
 def build_scratch_model(model_cfg: dict, tokenizer, seed: int):
@@ -96,7 +97,7 @@ def import_location(spec: dict) -> tuple[str, dict, dict]:
             "gguf_file": gguf.name, "gguf_bytes": gguf.stat().st_size}
     if source == "hub":
         return _hub_snapshot(spec.get("hub_id")), {}, {"source": "hub", "hub_id": spec.get("hub_id")}
-    raise ValueError(f"model.source must be one of scratch, {', '.join(IMPORT_SOURCES)}; got {source!r}")
+    raise ValueError(f"model.source must be one of {', '.join(MODEL_SOURCES)}; got {source!r}")
 
 
 def _hub_snapshot(hub_id: str | None) -> str:
@@ -152,6 +153,17 @@ def check_imported(model, model_cfg: dict) -> None:
     if bad:
         raise ValueError("the imported model disagrees with the model config: "
                          + ", ".join(f"model.{k}={want!r} but the checkpoint has {got!r}" for k, (want, got) in bad.items()))
+
+
+def cell_model(cfg: dict, model_dir: Path):
+    """The cell's model for evaluation: its fine-tuned checkpoint, or the base model with the cell's method applied
+    (`cfg` is the cell's resolved evaluate config)."""
+    model_cfg = cfg.get("base", {}).get("model", {})
+    model = load_model(model_dir, model_cfg.get("attn_implementation", "sdpa"), model_cfg.get("dtype", "float32"),
+                       to_device=True)
+    if cfg["regime"] == "frozen":
+        model = apply_cell_method(model, cfg)
+    return model
 
 
 def apply_cell_method(model, cell: dict):

@@ -1,15 +1,14 @@
-"""Report stage: render metrics.duckdb (opened read-only) into one self-contained HTML file.
+"""The report: render metrics.duckdb (opened read-only) into one self-contained HTML file (run by the report stage,
+`workflow.stages.report`).
 
 All SQL lives in workflow/queries.sql; the page is reports/templates/report.html.j2 with
 report.css inlined; the charts are inline SVG written here (no JavaScript, no external resources).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-import sys
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -1048,23 +1047,3 @@ def render_report(db_path: Path, out_path: Path, ppl_clip: float = 1e4,
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     tmp.write_text(html)
     tmp.replace(out_path)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Render a study's metrics.duckdb into one HTML report.")
-    parser.add_argument("--db", type=Path, required=True, help="results/<study>/metrics.duckdb")
-    parser.add_argument("--out", type=Path, required=True, help="results/<study>/report.html")
-    parser.add_argument("--ppl-clip", type=float, default=1e4,
-                        help="perplexities above this are drawn at the top of the chart")
-    args = parser.parse_args(argv)
-    try:
-        render_report(args.db, args.out, ppl_clip=args.ppl_clip)
-    except (FileNotFoundError, duckdb.Error) as exc:
-        print(f"report: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"report: wrote {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

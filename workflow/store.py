@@ -1,4 +1,5 @@
-"""Store stage: ingest a study's result files into metrics.duckdb (the only writer of the database).
+"""The store: ingest a study's result files into metrics.duckdb (the ingest stage, `workflow.stages.ingest`, is
+the only writer of the database; the report only reads it).
 
 Every ingest runs in one transaction: a failure leaves the previous database as it was. Result files
 that cannot be read (invalid JSON, missing keys, unknown schema version) are named, skipped and
@@ -10,7 +11,6 @@ diverged loss, a length that does not fit in memory) gets status 'failed' and th
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -22,10 +22,11 @@ from pathlib import Path
 
 import duckdb
 
+from methods.rope import REGIMES
+from workflow.common import RESULT_SCHEMA_VERSION
+
 SCHEMA_VERSION = 3        # version of the database schema created below (2: metrics.suite,
                           # 3: cells.status_reason)
-RESULT_SCHEMA_VERSION = 1  # schema_version expected in cell.json and eval/<task>.json
-REGIMES = ("frozen", "finetuned")
 BASE_CELL_ID = "base"     # train_log rows of the base model's pretraining
 
 SCHEMA = """
@@ -354,10 +355,8 @@ BENCHMARK_COLUMNS = ("run_id", "study", "measured_at", "hardware", "phase", "cel
 
 
 def write_benchmarks(db_path: Path, rows: list[dict]) -> int:
-    """Append the rows of one cost-benchmark run (workflow.bench_cost) to the `benchmarks` table; a row is a dict
+    """Append the rows of one cost-benchmark run (workflow.tools.bench_cost) to the `benchmarks` table; a row is a dict
     with BENCHMARK_COLUMNS (config as a dict). Returns the number of rows written."""
-    import duckdb
-
     db_path = Path(db_path)
     db_path.parent.mkdir(parents=True, exist_ok=True)
     with duckdb.connect(str(db_path)) as con:
@@ -519,40 +518,3 @@ def ingest(study_dir: Path, db_path: Path, run_info: dict | None = None,
     counts.update(files_read=rd.files_read, skipped=len(rd.skipped), skipped_files=rd.skipped,
                   run_id=run_id, exports=[str(p) for p in exports])
     return counts
-
-
-def format_summary(counts: dict, study_dir: Path, db_path: Path) -> str:
-    lines = [f"store: ingested {study_dir} into {db_path} (run {counts['run_id']})",
-             f"  cells      {counts['cells']:>7}  ({counts['cells_ok']} with results, "
-             f"{counts['cells'] - counts['cells_ok'] - len(counts['cells_failed'])} missing results, "
-             f"{len(counts['cells_failed'])} failed)"]
-    lines += [f"    failed: {cid}: {reason}" for cid, reason in counts["cells_failed"]]
-    for table in ("metrics", "train_log", "study", "runs"):
-        lines.append(f"  {table:<10} {counts[table]:>7} rows")
-    lines.append(f"  files      {counts['files_read']:>7} read, {counts['skipped']} skipped")
-    lines += [f"    skipped: {line}" for line in counts["skipped_files"]]
-    lines.append("  exports    " + ", ".join(counts["exports"]))
-    return "\n".join(lines)
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="Ingest a study's result files into DuckDB.")
-    parser.add_argument("--study-dir", type=Path, required=True, help="results/<study>")
-    parser.add_argument("--db", type=Path, required=True, help="the DuckDB file to upsert into")
-    parser.add_argument("--exports", type=Path, default=None,
-                        help="folder of metrics.csv/metrics.parquet (default: <study-dir>/exports)")
-    parser.add_argument("--run-id", default=None, help="id of this run (default: time + random)")
-    parser.add_argument("--strict", action="store_true",
-                        help="exit with status 1 when any result file was skipped")
-    args = parser.parse_args(argv)
-    try:
-        counts = ingest(args.study_dir, args.db, {"run_id": args.run_id}, export_dir=args.exports)
-    except StoreError as exc:
-        print(f"store: error: {exc}", file=sys.stderr)
-        return 2
-    print(format_summary(counts, args.study_dir, args.db))
-    return 1 if args.strict and counts["skipped"] else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

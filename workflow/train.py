@@ -29,6 +29,9 @@ from workflow.resources import ensure_train_fits
 from workflow.runtime import autocast, prepare_training, use_fused_adamw
 
 
+SCHEDULES = ("cosine", "constant_with_warmup")  # the values of <stage>.schedule (see lr_at)
+
+
 def lr_at(step: int, cfg: dict) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine decay to
     lr * min_lr_ratio (schedule `cosine`) or constant (schedule `constant_with_warmup`)."""
@@ -38,13 +41,13 @@ def lr_at(step: int, cfg: dict) -> float:
     if cfg["schedule"] == "constant_with_warmup":
         return base
     if cfg["schedule"] != "cosine":
-        raise ValueError(f"unknown schedule {cfg['schedule']!r}; valid: cosine, constant_with_warmup")
+        raise ValueError(f"unknown schedule {cfg['schedule']!r}; valid: {', '.join(SCHEDULES)}")
     progress = (step - warmup) / max(1, total - warmup)
     floor = base * cfg["min_lr_ratio"]
     return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _optimizer(model, cfg: dict) -> torch.optim.Optimizer:
+def optimizer_for(model, cfg: dict) -> torch.optim.Optimizer:
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
@@ -138,7 +141,7 @@ def train(model, batch_fn: Callable[[int], torch.Tensor], cfg: dict, work_dir: P
     if distributed.active():
         distributed.shard(model)
     model.train()
-    optimizer = _optimizer(model, cfg)
+    optimizer = optimizer_for(model, cfg)
     start, resumed = 0, None
     old = ckpt_dir.with_name(ckpt_dir.name + ".old")
     if main and not ckpt_dir.exists() and (old / "trainer.pt").exists():  # killed between _save_checkpoint's renames

@@ -15,5 +15,5 @@ rule base:
         f"{R}/logs/base.log",
     threads: CFG["pretrain"]["threads"]
     shell:
-        WRITE_CONFIG + " && {PY} -m workflow.base --config {params.cfg_file} --data-dir {R}/data --out {R}/base "
+        WRITE_CONFIG + " && {PY} -m workflow.stages.base --config {params.cfg_file} --data-dir {R}/data --out {R}/base "
         "--threads {threads} " + TEE

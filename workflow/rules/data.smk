@@ -15,4 +15,4 @@ rule data:
         f"{R}/logs/data.log",
     threads: 2
     shell:
-        WRITE_CONFIG + " && {PY} -m workflow.data --config {params.cfg_file} --out {R}/data " + TEE
+        WRITE_CONFIG + " && {PY} -m workflow.stages.data --config {params.cfg_file} --out {R}/data " + TEE

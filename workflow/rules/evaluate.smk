@@ -18,9 +18,8 @@ rule cell_config:
 rule evaluate:
     input:
         manifest=f"{R}/data/manifest.json",
-        test=f"{R}/data/test.npy",
-        passkey=f"{R}/data/passkey.jsonl",
-        needle=f"{R}/data/needle.jsonl",
+        # the data files the study's tasks read (workflow.tasks registry)
+        data=sorted({f"{R}/data/{name}" for task in TASKS for name in get_task(task).data_files}),
         model=cell_model_dir,
     output:
         expand(f"{R}/cells/{{{{cell}}}}/eval/{{task}}.json", task=TASKS),
@@ -33,5 +32,5 @@ rule evaluate:
         f"{R}/logs/evaluate/{{cell}}.log",
     threads: CFG["eval"]["threads"]
     shell:
-        WRITE_CONFIG + " && {PY} -m workflow.evaluate --config {params.cfg_file} --data-dir {R}/data "
+        WRITE_CONFIG + " && {PY} -m workflow.stages.evaluate --config {params.cfg_file} --data-dir {R}/data "
         "--model {input.model} --out {R}/cells/{wildcards.cell}/eval --threads {threads} " + TEE

@@ -14,5 +14,5 @@ rule finetune:
         f"{R}/logs/finetune/{{finetuned_cell}}.log",
     threads: CFG["finetune"]["threads"]
     shell:
-        WRITE_CONFIG + " && " + LAUNCH_FINETUNE + " -m workflow.finetune --config {params.cfg_file} --data-dir {R}/data "
+        WRITE_CONFIG + " && " + LAUNCH_FINETUNE + " -m workflow.stages.finetune --config {params.cfg_file} --data-dir {R}/data "
         "--base {input.base} --out {R}/cells/{wildcards.finetuned_cell} --threads {threads} " + TEE

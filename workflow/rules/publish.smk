@@ -11,4 +11,4 @@ rule publish:
     log:
         f"{R}/logs/publish.log",
     shell:
-        "{PY} -m workflow.publish --study-dir {R} --dest {params.dest:q} " + TEE
+        "{PY} -m workflow.stages.publish --study-dir {R} --dest {params.dest:q} " + TEE

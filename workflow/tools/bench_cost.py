@@ -11,9 +11,9 @@ divided by the device's peak (config/benchmark.yaml, or --peak-tflops; n/a on a 
 what a call adds to the memory in use when it starts (CUDA allocator peak; on the CPU, resident-set growth, rough).
 On a GPU it prints pass/fail against the targets in config/benchmark.yaml. Not a test: numbers depend on the machine.
 
-    python -m workflow.bench_cost --study smollm2 --model results/smollm2/base/model --db results/smollm2/metrics.duckdb
-    python -m workflow.bench_cost --study micro --db /tmp/bench.duckdb --cells none-exact-64-frozen pi-exact-128-ft
-    python -m workflow.bench_cost --study smollm2 --phases eval --eval-lens 65536 --cells none-lm_infinite-8192-frozen \
+    python -m workflow.tools.bench_cost --study smollm2 --model results/smollm2/base/model --db results/smollm2/metrics.duckdb
+    python -m workflow.tools.bench_cost --study micro --db /tmp/bench.duckdb --cells none-exact-64-frozen pi-exact-128-ft
+    python -m workflow.tools.bench_cost --study smollm2 --phases eval --eval-lens 65536 --cells none-lm_infinite-8192-frozen \
         --vocab-size 49152 --db /tmp/bench.duckdb       # random weights in SmolLM2's shape
 """
 from __future__ import annotations
@@ -28,15 +28,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from workflow.bench_attention import measure_peak
 from workflow.common import hardware, log, set_threads
 from workflow.config import CONFIG_DIR, compose, expand_grid
-from workflow.evaluate import token_losses
+from workflow.measure import measure_peak
 from workflow.modeling import apply_cell_method, build_scratch_model, count_parameters, load_model
 from workflow.runtime import autocast, compute_dtype, device, prepare_training
-from workflow.train import _optimizer
+from workflow.scoring import token_losses
+from workflow.store import write_benchmarks
+from workflow.train import optimizer_for
 
-from methods import attention_of
+from methods import METHODS, attention_of
 
 
 def flops_per_token(model, seq_len: int, training: bool) -> float:
@@ -65,7 +66,7 @@ def bench_finetune(base, cell: dict, seq_len: int, rows: int, ft: dict, steps: i
     model = apply_cell_method(copy.deepcopy(base), cell).to(on)
     prepare_training(model, ft)
     model.train()
-    optimizer = _optimizer(model, ft)
+    optimizer = optimizer_for(model, ft)
     attention = attention_of(model)
     batch = _random_rows(model.config.vocab_size, rows, seq_len, on, seed=seq_len)
 
@@ -91,7 +92,7 @@ def bench_finetune(base, cell: dict, seq_len: int, rows: int, ft: dict, steps: i
 @torch.no_grad()
 def bench_eval(base, cell: dict, seq_len: int, loss_chunk: int | None, repeats: int, dtype: torch.dtype,
                on: torch.device) -> dict:
-    """Tokens/s and peak memory of the evaluation loss (workflow.evaluate.token_losses) of one cell, one row."""
+    """Tokens/s and peak memory of the evaluation loss (workflow.scoring.token_losses) of one cell, one row."""
     model = apply_cell_method(copy.deepcopy(base), cell).to(device=on, dtype=dtype).eval()
     batch = _random_rows(model.config.vocab_size, 1, seq_len, on, seed=seq_len)
     run = lambda: token_losses(model, batch, loss_chunk)  # noqa: E731
@@ -200,8 +201,6 @@ def table(rows: list[dict]) -> str:
 
 def check_targets(rows: list[dict], targets: dict) -> list[str]:
     """One line per GPU target: PASS/FAIL with the measured number, or 'not measured'."""
-    from methods import METHODS
-
     out = []
     rope = [r for r in rows if r["attention"] == "exact" and r["rope"] in METHODS and r["rope"] != "none"
             and r["cell_id"] != "none-exact"]
@@ -272,7 +271,6 @@ def main(argv=None) -> int:
         print("\n".join("  " + line for line in check_targets(rows, bench_cfg["targets"])))
     else:
         print("GPU targets not checked: no CUDA device (CPU numbers do not speak to them)")
-    from workflow.store import write_benchmarks
 
     n = write_benchmarks(args.db, rows)
     print(f"{n} rows written to {args.db} (table benchmarks, run_id {run_id})")

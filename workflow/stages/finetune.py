@@ -2,7 +2,7 @@
 (the same tokens, order, steps, optimiser, schedule and seed for every method). Saves
 `<cell>/model` so that it reloads with plain `AutoModelForCausalLM.from_pretrained`.
 
-    python -m workflow.finetune --config finetune.json --data-dir results/tiny/data \
+    python -m workflow.stages.finetune --config finetune.json --data-dir results/tiny/data \
         --base results/tiny/base/model --out results/tiny/cells/yarn-exact-1024-ft
 
 Under `torchrun`/`accelerate launch` (`finetune.launcher`) each process trains its share of every step's rows

@@ -1,11 +1,103 @@
-"""A small fake study results tree (the layout of results/<study>/) for the store and report tests."""
+"""Helpers shared by the tests (import them as `from tests.helpers import ...`; fixtures are in conftest.py):
+
+- small random LLaMA models, inputs and a real tokenizer (`tiny_llama`, `random_ids`, `logits`, `stdlib_tokenizer`);
+- the micro study's data and base stages built in a tmp dir, and the stage commands run as subprocesses
+  (`build_stage`, `run_module`, `finetune_args`, `read_log`);
+- a small fake results tree with the layout of results/<study>/ for the store and report tests (`build_study`).
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from workflow.config import compose, expand_grid, stage_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------- models and inputs
+def tiny_llama(seed=0, vocab=128, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=None, window=64,
+               **config):
+    """A seeded, randomly initialised LlamaForCausalLM in eval mode with the original RoPE (base 10000)."""
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
+                      max_position_embeddings=window,
+                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **config)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def random_ids(n, vocab, seed=1):
+    """A [1, n] batch of token ids drawn with a fixed seed."""
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def logits(model, x):
+    return model(input_ids=x).logits
+
+
+def stdlib_tokenizer(vocab=512, modules=("argparse.py", "typing.py", "inspect.py")):
+    """(a byte-level BPE trained on a few standard-library modules, their texts): a small real tokenizer
+    and haystack corpus, available offline on every machine."""
+    import sysconfig
+
+    from workflow import corpus
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(stdlib / name).read_text() for name in modules]
+    tokenizer, _ = corpus.train_tokenizer(texts, vocab, 2, None)
+    return tokenizer, texts
+
+
+# ---------------------------------------------------------------------------------------------- stages as subprocesses
+OVERRIDES = ["pretrain.steps=4", "finetune.steps=16", "finetune.checkpoint_every=3"]
+CLEX = "clex-exact-256-ft"     # samples a random scale each step: resumption must restore the RNG
+FROZEN = "ntk-exact-256-frozen"
+
+
+def run_module(*args, **kwargs):
+    """`python -m <args>` from the repository root, output captured."""
+    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, **kwargs)
+
+
+def build_stage(root) -> dict:
+    """The micro study's data and a 4-step base model under `root`, plus the resolved configs of its jobs."""
+    cfg = compose("micro", OVERRIDES)
+    cells = {c["cell_id"]: c for c in expand_grid(cfg)}
+    files = {}
+    for name, obj in {"data": stage_config(cfg, stage="data"), "base": stage_config(cfg, stage="base"),
+                      "finetune": stage_config(cfg, cells[CLEX], "finetune"),
+                      "evaluate": stage_config(cfg, cells[FROZEN], "evaluate")}.items():
+        files[name] = root / f"{name}.json"
+        files[name].write_text(json.dumps(obj, sort_keys=True))
+    for args in (("workflow.stages.data", "--config", files["data"], "--out", root / "data"),
+                 ("workflow.stages.base", "--config", files["base"], "--data-dir", root / "data", "--out", root / "base")):
+        run = run_module(*args)
+        assert run.returncode == 0, run.stderr[-3000:]
+    return {"root": root, "cfg": cfg, "cells": cells, "files": files}
+
+
+def finetune_args(stage, out, base=None):
+    """The arguments after `-m` of the CLEX cell's fine-tune job writing to `out`."""
+    return ["workflow.stages.finetune", "--config", stage["files"]["finetune"], "--data-dir", stage["root"] / "data",
+            "--base", base or stage["root"] / "base" / "model", "--out", out]
+
+
+def read_log(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------- a fake results tree
 BASE_WINDOW = 256
 EVAL_LENGTHS = [128, 256, 512, 1024, 2048, 4096]
 RETRIEVAL_LENGTHS = [256, 512, 1024, 2048]

@@ -11,17 +11,13 @@ more to the system (otherwise reused heap memory hides allocations; that setting
 times come from this process). Prints a table and the growth of each kind per doubling of n. Not a test:
 numbers depend on the machine (Linux only on CPU).
 
-    python -m workflow.bench_attention                       # CPU, 1 thread, n = 256 .. 8192
-    python -m workflow.bench_attention --lengths 1024 4096 16384 --kinds sdpa lm_infinite --json bench.json
+    python -m workflow.tools.bench_attention                       # CPU, 1 thread, n = 256 .. 8192
+    python -m workflow.tools.bench_attention --lengths 1024 4096 16384 --kinds sdpa lm_infinite --json bench.json
 """
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import re
-import statistics
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,44 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from methods.lm_infinite import lm_infinite_scores_attention
+from workflow.measure import measure_peak, measure_time
 
 KINDS = ("eager", "sdpa", "lm_infinite")
-
-
-def _status_mb(field: str) -> float:
-    match = re.search(rf"{field}:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    return int(match.group(1)) / 1024
-
-
-def measure_peak(fn, device: str) -> float:
-    """Peak memory (MiB) that `fn()` adds above what is allocated when it starts."""
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2 ** 20
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (the peak RSS) to the current RSS
-    before = _status_mb("VmRSS")
-    fn()
-    return max(0.0, _status_mb("VmHWM") - before)
-
-
-def measure_time(fn, device: str, repeats: int) -> float:
-    """Median wall time (ms) of `fn()` over `repeats` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def attention_call(kind: str, q, k, v, n_local: int, n_global: int, cap: int, inv_freq):
@@ -160,7 +121,7 @@ def cpu_memory_rows(argv) -> list[dict]:
         i = argv.index("--json")
         del argv[i:i + 2]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    done = subprocess.run([sys.executable, "-m", "workflow.bench_attention", *argv, "--memory-child"], env=env,
+    done = subprocess.run([sys.executable, "-m", "workflow.tools.bench_attention", *argv, "--memory-child"], env=env,
                           capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
