@@ -1,4 +1,4 @@
-"""`clex`: CLEX (Chen et al. 2023, ICLR 2024; spec METHODS.md §5), continuous length extrapolation with a learned
+"""`clex`: CLEX (Chen et al. 2023, ICLR 2024; docs/methods.md §5), continuous length extrapolation with a learned
 neural-ODE frequency basis.
 
 - The ODE. z(t) = log theta(t) in R^(d/2), z(1) = log theta (the original RoPE); for t >= 1

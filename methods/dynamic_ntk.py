@@ -5,7 +5,7 @@ Realised with transformers' native `dynamic` type: with alpha_train = alpha(floo
 b * alpha_train^(d/(d-2)), max_position_embeddings = floor and HF factor f = factor * floor / (L * alpha_train),
 HF's alpha_hf(n) = f * max(n, floor) / floor - (f - 1) satisfies alpha_train * alpha_hf(n) = alpha(n) exactly.
 A forward pre-hook resets the rotary state before every call, so each forward uses alpha of its own n
-(HF alone keeps a grown inv_freq for later, shorter sequences: METHODS.md 3.2e).
+(HF alone keeps a grown inv_freq for later, shorter sequences: docs/methods.md §3.2e2).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Landmark attention (Mohtashami & Jaggi 2023; spec METHODS.md §7), the study's fine-tuned approximate attention.
+"""Landmark attention (Mohtashami & Jaggi 2023; docs/methods.md §7), the study's fine-tuned approximate attention.
 
 - Tokens: a landmark token is inserted after every `mem_freq` regular tokens, so a block holds B = mem_freq + 1
   tokens, the landmark last. The token is one new embedding row (input and, when untied, output), initialised to

@@ -1,4 +1,4 @@
-"""`lm_infinite`: LM-Infinite's Λ-shaped attention with a distance ceiling (Han et al. 2023; METHODS.md §6).
+"""`lm_infinite`: LM-Infinite's Λ-shaped attention with a distance ceiling (Han et al. 2023; docs/methods.md §6).
 
 A query at position m sees
 

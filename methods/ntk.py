@@ -27,7 +27,7 @@ class NTKAware(RopeMethod):
         return default_inv_freq(head_dim, ntk_base(base, head_dim, params["alpha"])), 1.0
 
     def _configure(self, config, head_dim, base, original_window, target_window, params):
-        # A new base and no scaling entry: changing both would scale twice (METHODS.md 3.1e).
+        # A new base and no scaling entry: changing both would scale twice (docs/methods.md §3.1e3).
         set_rope(config, rope_type="default", rope_theta=ntk_base(base, head_dim, params["alpha"]))
         config.max_position_embeddings = int(target_window)
 

@@ -1,5 +1,5 @@
 """`yarn`: YaRN (Peng et al. 2023), code form: per-dimension ramp between original and PI frequencies,
-plus the cos/sin magnitude mscale = 0.1 ln s + 1 (METHODS.md section 4)."""
+plus the cos/sin magnitude mscale = 0.1 ln s + 1 (docs/methods.md section 4)."""
 from __future__ import annotations
 
 import math

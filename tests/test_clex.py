@@ -1,4 +1,4 @@
-"""CLEX (METHODS.md §5): the NTK identity at initialisation, scale selection, the training-position sampler,
+"""CLEX (docs/methods.md §5): the NTK identity at initialisation, scale selection, the training-position sampler,
 gradient flow into the ODE, checkpoint reload, and cached generation vs full recomputation."""
 import pytest
 import torch
@@ -68,7 +68,7 @@ def test_scale_selection():
     assert inference_scale(2 * L, L, 4) == 2
     assert inference_scale(40 * L, L, 4) == 4  # clipped to max_factor
     assert inference_scale(1, L, 4) == 1
-    assert inference_scale(40_000, 4096, 32) == 10 and inference_scale(32_769, 4096, 32) == 9  # METHODS.md §5e1
+    assert inference_scale(40_000, 4096, 32) == 10 and inference_scale(32_769, 4096, 32) == 9  # docs/methods.md §5e1
     with pytest.raises(ValueError, match="n must be"):
         inference_scale(0, L, 4)
     model = clex_model(target=16, max_factor=4)

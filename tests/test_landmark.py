@@ -15,7 +15,7 @@ from tests.helpers import tiny_llama
 
 # --- a naive reference, written independently of the implementation -------------------------------------------
 def naive_grouped_weights(scores: torch.Tensor, block_size: int) -> torch.Tensor:
-    """METHODS.md §7(a), query by query: top-level softmax over the own block's regular keys up to the query and
+    """docs/methods.md §7(a), query by query: top-level softmax over the own block's regular keys up to the query and
     the landmarks of earlier blocks; an earlier block's landmark probability split by a softmax over its regular
     keys; zero weight on landmarks."""
     q_len = scores.shape[-1]

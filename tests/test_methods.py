@@ -1,4 +1,4 @@
-"""Tests of the RoPE extension methods: the maths against METHODS.md (formulas written out here), against
+"""Tests of the RoPE extension methods: the maths against docs/methods.md (formulas written out here), against
 transformers' own rope functions, the patched models (cos/sin, save/reload, dynamic-NTK state), and validation."""
 import math
 
@@ -98,7 +98,7 @@ def test_defaults():
     assert dyn.resolve(4096, 32768, regime="frozen", floor="target") == {"factor": 2.0, "floor": 32768}
 
 
-# ---------------------------------------------------------------- maths vs METHODS.md
+# ---------------------------------------------------------------- maths vs docs/methods.md
 
 
 @pytest.mark.parametrize("d, b, s", [(128, 1e4, 8), (64, 1e4, 4), (16, 5e5, 16)])
@@ -191,7 +191,7 @@ def test_dynamic_ntk_finetuned_alpha_matches_lceg():
     inv, _ = dyn.frequencies(head_dim=d, base=1e4, original_window=L0, target_window=32768, seq_len=65536)
     assert alpha_from(inv, d) == pytest.approx(61, rel=1e-5)
     inv, _ = dyn.frequencies(head_dim=d, base=1e4, original_window=L0, target_window=65536, seq_len=65536)
-    assert alpha_from(inv, d) == pytest.approx(121, rel=1e-5)  # NTK-64K per code (METHODS.md 3.2b)
+    assert alpha_from(inv, d) == pytest.approx(121, rel=1e-5)  # NTK-64K per code (docs/methods.md §3.2b)
     static29, _ = get_method("ntk").frequencies(head_dim=d, base=1e4, original_window=L0, target_window=32768,
                                                 alpha=29.0)
     inv, _ = dyn.frequencies(head_dim=d, base=1e4, original_window=L0, target_window=32768, seq_len=8000)
