@@ -9,11 +9,14 @@ from html.parser import HTMLParser
 
 import duckdb
 import pytest
-from tests.helpers import (ABSENT_CELL, HOSTILE, HOSTILE_CELL, MISSING_CELL, PPL, RULER_CELLS, RULER_LENGTHS,
-                             RULER_TASKS, build_study, ruler_score)
+from tests.helpers import (ABSENT_CELL, HOSTILE, HOSTILE_CELL, MISSING_CELL, PPL, REPO, RULER_CELLS, RULER_LENGTHS,
+                           RULER_TASKS, build_study, ruler_score)
 
-from workflow import report, store
+from workflow import report, stats, store
+from workflow.report import charts, claims, formatting, queries
 from workflow.stages import report as report_stage
+
+REPORT_PACKAGE = REPO / "workflow" / "report"
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +181,7 @@ def test_report_opens_database_read_only(rendered, tmp_path, monkeypatch):
         seen.append((str(path), kwargs.get("read_only")))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(report.duckdb, "connect", spy)
+    monkeypatch.setattr(duckdb, "connect", spy)
     report.render_report(db, tmp_path / "r.html")
     assert seen == [(str(db), True), (":memory:", None)]  # the second one writes the exports
 
@@ -195,22 +198,59 @@ def test_empty_study_and_missing_db(tmp_path, capsys):
 
 
 def test_scales_and_helpers():
-    x = report.Scale(256, 4096, 0, 400, "log2")
+    x = charts.Scale(256, 4096, 0, 400, "log2")
     assert [label for _, label in x.ticks()] == ["256", "512", "1k", "2k", "4k"]
     assert x(256) == 0 and x(4096) == 400 and x(1024) == pytest.approx(200)
-    y = report.Scale(10, 10000, 300, 0, "log10")
+    y = charts.Scale(10, 10000, 300, 0, "log10")
     assert [label for _, label in y.ticks()] == ["10", "100", "1,000", "10,000"]
-    assert [label for _, label in report.Scale(0, 1, 0, 1).ticks()][:3] == ["0", "0.2", "0.4"]
-    assert report.kendall([1, 2, 3, 4], [4, 3, 2, 1])[0] == -1
-    assert report.kendall([1, 2, 3], [1, 2, 3])[0] == 1
-    assert report.kendall([1, 2], [1, 2]) == (None, None) and report.kendall([1, 2, 3], [5, 5, 5]) == (None, None)
-    assert report.accuracy_color(0) == "#440154" and report.accuracy_color(1) == "#fde725"
-    assert report.accuracy_color(0.5) == "#21918c"
-    assert report.fmt_num(27.46) == "27.5" and report.fmt_num(3.4e5) == "340,000"
-    assert set(report.load_queries()) >= {"cells", "length_values", "retrieval_grid", "runs"}
+    assert [label for _, label in charts.Scale(0, 1, 0, 1).ticks()][:3] == ["0", "0.2", "0.4"]
+    assert charts.accuracy_color(0) == "#440154" and charts.accuracy_color(1) == "#fde725"
+    assert charts.accuracy_color(0.5) == "#21918c"
+    assert formatting.fmt_num(27.46) == "27.5" and formatting.fmt_num(3.4e5) == "340,000"
+    assert set(queries.load_queries()) >= {"cells", "length_values", "retrieval_grid", "runs"}
     nested = {"b": [1, 2], "a": {"c": [{"d": None}], "e": ["x" * 60] * 3}, "f": []}
-    assert json.loads(report.pretty(nested)) == nested
-    assert '"b": [1, 2]' in report.pretty(nested)
+    assert json.loads(formatting.pretty(nested)) == nested
+    assert '"b": [1, 2]' in formatting.pretty(nested)
+
+
+def test_report_package_is_small_and_uses_the_study_statistics():
+    """No module of the report package is over 400 lines, and its statistics come from workflow.stats only: no scipy,
+    no statistics module, no median taken by indexing a sorted list."""
+    modules = sorted(REPORT_PACKAGE.glob("*.py"))
+    assert {m.stem for m in modules} >= {"__init__", "charts", "claims", "sections", "render"}
+    assert (REPORT_PACKAGE / "queries.sql").is_file()
+    for module in modules:
+        text = module.read_text()
+        assert len(text.splitlines()) <= 400, module.name
+        assert not re.search(r"^\s*(from|import) (scipy|statistics|numpy)\b", text, flags=re.M), module.name
+        assert not re.search(r"\[\s*len\([^)]*\)\s*//\s*2\s*\]", text), module.name
+
+
+def _evidence(cells, ppl=None, downstream=None, extrapolation_hard=1.5):
+    cells = [{"ok": True, "family": "exact", "regime": "finetuned", "rope": "pi", "attention": "exact", **c}
+             for c in cells]
+    return claims.Evidence(cells, ppl or {}, downstream or {}, "base", 256,
+                           {"significance": 0.05, "extrapolation_hard": extrapolation_hard})
+
+
+def test_claim_rules_take_the_median_of_an_even_count():
+    """With four cells the median is the mean of the two middle values (1.13 here), not the upper one (1.15)."""
+    rises = {"a": 1.0, "b": 1.11, "c": 1.15, "d": 1.3}
+    cells = [{"cell_id": "base", "regime": "frozen", "rope": "none", "train_len": 256}]
+    cells += [{"cell_id": cid, "train_len": 512} for cid in rises]
+    ppl = {("base", 512): 50.0, **{(cid, 512): 10.0 for cid in rises},
+           **{(cid, 1024): 10.0 * r for cid, r in rises.items()}}
+    verdict, text, _ = claims.rule_finetuned_within_not_beyond(_evidence(cells, ppl, extrapolation_hard=1.14), [])
+    assert "median 1.13×" in text and verdict == "not supported"  # the upper median 1.15 would pass 1.14
+    verdict, _, _ = claims.rule_finetuned_within_not_beyond(_evidence(cells, ppl, extrapolation_hard=1.12), [])
+    assert verdict == "supported"
+    # claim 2: best approximate cell 55% against exact fine-tuned cells 20/40/60/80% (median 50%, upper median 60%)
+    means = {"lm": 0.55, "a": 0.2, "b": 0.4, "c": 0.6, "d": 0.8}
+    cells = [{"cell_id": "lm", "family": "approximate", "regime": "frozen", "attention": "lm_infinite"}]
+    cells += [{"cell_id": cid} for cid in "abcd"]
+    verdict, text, _ = claims.rule_approximate_underperforms(_evidence(cells, downstream={"passkey": means}), [])
+    assert "median of 4 exact fine-tuned cells 50%" in text and verdict == "not supported"
+    assert stats.median([1.0, 1.11, 1.15, 1.3]) == pytest.approx(1.13)
 
 
 def section_tables(html, section_id):
