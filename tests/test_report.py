@@ -8,6 +8,7 @@ from html import escape, unescape
 from html.parser import HTMLParser
 
 import duckdb
+import html5lib
 import pytest
 from tests.helpers import (ABSENT_CELL, HOSTILE, HOSTILE_CELL, MISSING_CELL, PPL, REPO, RULER_CELLS, RULER_LENGTHS,
                            RULER_TASKS, build_study, ruler_score)
@@ -19,10 +20,8 @@ from workflow.stages import report as report_stage
 REPORT_PACKAGE = REPO / "workflow" / "report"
 
 
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory):
-    root = tmp_path_factory.mktemp("report")
-    study = build_study(root / "results", hostile=True)
+def _render(root, hostile):
+    study = build_study(root / "results", hostile=hostile)
     db = study / "metrics.duckdb"
     store.ingest(study, db, echo=False)
     out = study / "report.html"
@@ -30,12 +29,35 @@ def rendered(tmp_path_factory):
     return out.read_text(), db
 
 
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """The fixture study with hostile strings (HTML in the study name, a cell id, a config value, a task name)."""
+    return _render(tmp_path_factory.mktemp("report"), hostile=True)
+
+
+@pytest.fixture(scope="module")
+def rendered_plain(tmp_path_factory):
+    return _render(tmp_path_factory.mktemp("report-plain"), hostile=False)
+
+
+def html_errors(html: str) -> list[str]:
+    """The parse errors of the HTML5 parsing algorithm (html5lib): misnested or stray end tags, unclosed elements at
+    the end of a section or of the body, bad attributes, ... each with its line and the text around it."""
+    parser = html5lib.HTMLParser(strict=False)
+    parser.parse(html)
+    lines = html.splitlines()
+    return [f"line {line}, col {col}: {code} {data or ''}: {lines[line - 1][max(0, col - 70):col + 10]!r}"
+            for (line, col), code, data in parser.errors]
+
+
 class TableCells(HTMLParser):
-    """Rows of (class attribute, text) of the first <table> after an element with the given id."""
+    """Rows of (class attribute, text) of the body cells (th and td) of the first <table> after an element with the
+    given id."""
 
     def __init__(self, section_id):
         super().__init__()
         self.section_id, self.state, self.rows, self.cell = section_id, "before", [], None
+        self.in_body = False
         self.in_ci = False  # the small confidence-interval line under a value is not part of its text
 
     def handle_starttag(self, tag, attrs):
@@ -44,17 +66,21 @@ class TableCells(HTMLParser):
             self.state = "section"
         elif self.state == "section" and tag == "table":
             self.state = "table"
+        elif self.state == "table" and tag == "tbody":
+            self.in_body = True
         elif self.state == "table" and tag == "tr":
             self.rows.append([])
-        elif self.state == "table" and tag == "td":
+        elif self.state == "table" and self.in_body and tag in ("td", "th"):
             self.cell = [attrs.get("class") or "", ""]
         elif tag == "span" and attrs.get("class") == "ci":
             self.in_ci = True
 
     def handle_endtag(self, tag):
-        if self.state == "table" and tag == "td":
+        if self.state == "table" and tag in ("td", "th") and self.cell is not None:
             self.rows[-1].append((self.cell[0], self.cell[1].strip()))
             self.cell = None
+        elif self.state == "table" and tag == "tbody":
+            self.in_body = False
         elif self.state == "table" and tag == "table":
             self.state = "done"
         elif tag == "span":
@@ -63,6 +89,27 @@ class TableCells(HTMLParser):
     def handle_data(self, data):
         if self.cell is not None and not self.in_ci:
             self.cell[1] += data
+
+
+class HeaderScopes(HTMLParser):
+    """(part of the table, scope) of every <th>, and the first cell of every body row as (tag, scope)."""
+
+    def __init__(self):
+        super().__init__()
+        self.part, self.scopes, self.row_starts, self.row_open = None, [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag in ("thead", "tbody"):
+            self.part = tag
+        elif tag == "tr":
+            self.row_open = True
+        elif tag in ("th", "td"):
+            if tag == "th":
+                self.scopes.append((self.part, attrs.get("scope")))
+            if self.row_open and self.part == "tbody":
+                self.row_starts.append((tag, attrs.get("scope"), attrs.get("colspan")))
+            self.row_open = False
 
 
 class Tags(HTMLParser):
@@ -93,7 +140,7 @@ def test_every_cell_appears_and_missing_is_marked(rendered):
     assert by_id[ABSENT_CELL][0][1].endswith("no cell record")  # expected by study.json, never produced
     assert all(text == "—" for _, text in by_id[MISSING_CELL][4:])
     for cell_id, status in ((MISSING_CELL, "missing results"), (ABSENT_CELL, "no cell record")):
-        assert re.search(rf'<tr class="missing">\s*<td class="cell-id">{cell_id} '
+        assert re.search(rf'<tr class="missing">\s*<th scope="row" class="cell-id">{cell_id} '
                          rf'<span class="badge">{status}</span>', html)
     assert "2 without results" in html
 
@@ -113,6 +160,17 @@ def test_best_value_per_perplexity_column_is_marked(rendered):
         for cell, (value, marked) in values.items():
             assert marked == (value == best), (col, cell)
     assert re.search(r'<td class="num beyond best"[^>]*><strong>152</strong><span class="ci">147–157</span></td>', html)
+
+
+def test_every_header_cell_has_a_scope(rendered):
+    html, _ = rendered
+    parser = HeaderScopes()
+    parser.feed(html)
+    assert len(parser.scopes) > 50
+    assert {scope for part, scope in parser.scopes if part == "thead"} == {"col", "colgroup"}
+    assert {scope for part, scope in parser.scopes if part == "tbody"} == {"row"}
+    # every body row is led by its row header, except a row that spans the table to say it is empty
+    assert all(cell == ("th", "row", None) for cell in parser.row_starts if cell[2] is None), parser.row_starts
 
 
 def test_training_length_and_beyond_are_marked(rendered):
@@ -170,6 +228,23 @@ def test_title_block_and_appendix(rendered):
     assert "abc1234" in html
     assert "… 200 items in all" in html  # long manifest lists are abbreviated
     assert "Kendall τ" in html
+
+
+@pytest.mark.parametrize("variant", ["plain", "hostile"])
+def test_report_has_no_html_nesting_errors(variant, rendered, rendered_plain):
+    html, _ = rendered if variant == "hostile" else rendered_plain
+    assert html_errors(html) == []
+    html5lib.HTMLParser(strict=True).parse(html)  # raises html5lib.html5parser.ParseError on the first error
+
+
+def test_the_nesting_check_finds_planted_errors():
+    page = "<!DOCTYPE html><html lang=en><head><title>t</title></head><body><main>{}</main></body></html>"
+    assert html_errors(page.format("<section><div><p>x</p></div></section>")) == []
+    stray = html_errors(page.format("<section><table><tr><td>x</td></tr></table></div></section>"))
+    unclosed = html_errors(page.format("<section><div class=scroll><table></table></section><p>y</p>"))
+    assert stray and "div" in stray[0] and unclosed and "section" in unclosed[0]
+    with pytest.raises(html5lib.html5parser.ParseError):
+        html5lib.HTMLParser(strict=True).parse(page.format("<div></span></div>"))
 
 
 def test_report_opens_database_read_only(rendered, tmp_path, monkeypatch):
