@@ -11,10 +11,10 @@ import duckdb
 import html5lib
 import pytest
 from tests.helpers import (ABSENT_CELL, HOSTILE, HOSTILE_CELL, MISSING_CELL, PPL, REPO, RULER_CELLS, RULER_LENGTHS,
-                           RULER_TASKS, build_study, ruler_score)
+                           RULER_TASKS, build_study, link_problems, ruler_score)
 
 from workflow import report, stats, store
-from workflow.report import charts, claims, formatting, queries
+from workflow.report import charts, claims, formatting, queries, style
 from workflow.stages import report as report_stage
 
 REPORT_PACKAGE = REPO / "workflow" / "report"
@@ -200,13 +200,37 @@ def test_no_external_resources(rendered):
     tags.feed(html)
     assert not [t for t, attrs in tags.seen if "src" in attrs or "xlink:href" in attrs]
     hrefs = [attrs["href"] for t, attrs in tags.seen if "href" in attrs]
-    assert hrefs and all(h.startswith("#") for h in hrefs)
+    # links, not resources: anchors in the page, files beside it, and papers on arxiv.org
+    assert hrefs and all(h.startswith(("#", "figures/", "docs/", "https://arxiv.org/abs/")) for h in hrefs), hrefs
+    assert not [t for t, attrs in tags.seen if t in ("img", "image", "use", "source", "video", "audio")]
     assert "<style>" in html and ".best-key" in html  # the stylesheet is inline
+
+
+def chart_svgs(html):
+    return re.findall(r'<svg class="chart".*?</svg>', html, flags=re.S)
+
+
+@pytest.mark.parametrize("variant", ["plain", "hostile"])
+def test_every_link_resolves_in_the_output_folder(variant, rendered, rendered_plain):
+    html, db = rendered if variant == "hostile" else rendered_plain
+    assert link_problems(html, db.parent) == []
+    assert len(re.findall(r'href="figures/', html)) == len(chart_svgs(html))
+
+
+def test_the_link_check_finds_broken_links(tmp_path):
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "a.svg").write_text("<svg/>")
+    good = '<p id="x"></p><a href="#x">x</a><a href="figures/a.svg">a</a><a href="https://arxiv.org/abs/1">p</a>'
+    assert link_problems(good, tmp_path) == []
+    bad = ('<a href="#nowhere">1</a><a href="figures/b.svg">2</a><a href="http://example.org">3</a>'
+           '<a href="../secret.txt">4</a><img src="file:///etc/passwd"><a href="javascript:alert(1)">6</a>')
+    problems = link_problems(bad, tmp_path)
+    assert len(problems) == 6, problems
 
 
 def test_svgs_are_well_formed(rendered):
     html, _ = rendered
-    svgs = re.findall(r"<svg\b.*?</svg>", html, flags=re.S)
+    svgs = chart_svgs(html)
     # perplexity curves + 2 tasks x 4 cells with results + 2 training charts
     assert len(svgs) == 1 + 2 * 4 + 2
     for svg in svgs:
@@ -218,6 +242,132 @@ def test_svgs_are_well_formed(rendered):
     assert "drawn at the top edge" in html
     heat = ET.fromstring(svgs[1])
     assert len(heat.findall("rect")) == 4 * 3 and heat.find("title").text
+    keys = re.findall(r'<svg class="key".*?</svg>', html, flags=re.S)
+    assert len(keys) == 6 and all(ET.fromstring(k).get("aria-hidden") == "true" for k in keys)  # Table 1
+
+
+def _looks(element):
+    """(colour, marker shape, hollow) of the first marker in an SVG element."""
+    point = next(p for p in element.iter("path") if "point" in (p.get("class") or "").split())
+    shape = next(c for c in point.get("class").split() if c.startswith("point-"))
+    return point.get("stroke"), shape, point.get("fill") == "#ffffff"
+
+
+def legend(svg_text):
+    """{series name: (colour of its line, (colour, marker, hollow) of its marker)} of a line chart's legend."""
+    out = {}
+    for item in ET.fromstring(svg_text).iter("g"):
+        if item.get("class") == "legend-item":
+            out[item.find("text").text] = (item.find("line").get("stroke"), _looks(item))
+    return out
+
+
+def test_each_cell_looks_the_same_in_every_figure(rendered):
+    html, _ = rendered
+    svgs = chart_svgs(html)
+    ppl, finetune = legend(svgs[0]), legend(svgs[-1])
+    assert len(ppl) == 4 and len(finetune) == 4  # cells with perplexity; fine-tuned cells with a train log
+    assert len(set(ppl.values())) == len(ppl)  # no two cells alike
+    for name in set(ppl) & set(finetune):
+        assert ppl[name] == finetune[name], name
+    assert all(line == look[0] for line, look in [*ppl.values(), *finetune.values()])
+    # every heat-map panel carries its cell's marker; Table 1 holds the same keys
+    for svg in svgs[1:9]:
+        root = ET.fromstring(svg)
+        title = next(t.text for t in root.iter("text") if t.get("class") == "panel-title")
+        assert _looks(root) == ppl[title][1], title
+    table = {unescape(cell): ET.fromstring(key) for key, cell in
+             re.findall(r'<th scope="row" class="cell-id">(<svg class="key".*?</svg>)(.*?)</th>', html, flags=re.S)}
+    assert len(table) == 6
+    for name, (_, look) in ppl.items():
+        assert _looks(table[name]) == look, name
+    frozen = [k for k in table.values() if k.find("line").get("stroke-dasharray")]
+    assert len(frozen) == 1  # frozen cells' lines are dashed, in the key as in the charts
+
+
+def test_cell_styles_stay_distinct_for_a_large_grid():
+    styles = [style.cell_style(i) for i in range(style.DISTINCT)]
+    assert style.DISTINCT >= 30 and len(set(styles)) == style.DISTINCT
+    assert style.cell_style(style.DISTINCT) == styles[0]
+    for a, b in zip(styles, styles[1:]):  # neighbours differ in colour and in marker
+        assert a.color != b.color and a.marker != b.marker
+    for color in style.PALETTE:  # lines and markers stand out from the white page (WCAG 1.4.11: 3:1)
+        assert style.contrast_ratio(color, "#ffffff") >= 3, color
+    for marker in style.MARKERS:
+        assert style.marker_path(marker, 10, 10).startswith("M")
+
+
+def test_a_legend_of_many_cells_fits_and_keeps_them_apart():
+    series = [charts.Series(f"cell-{i:02d}-with-a-long-name", [(256, 10.0 + i), (512, 12.0 + i)],
+                            style.cell_style(i), band=[(256, 9.0 + i, 11.0 + i), (512, 11.0 + i, 13.0 + i)])
+              for i in range(32)]
+    chart = charts.line_chart(series, title="t", xlabel="x", ylabel="y", name="many", x_kind="log2")
+    root = ET.fromstring(chart.svg)
+    height = float(root.get("viewBox").split()[3])
+    entries = legend(chart.svg)
+    assert len(entries) == 32 and len(set(entries.values())) == 32
+    assert all(float(t.get("y")) < height - 4 for t in root.iter("text") if t.get("class") == "legend-label")
+    assert len([p for p in root.iter("path") if p.get("class") == "band"]) == 32
+
+
+def test_perplexity_curves_have_confidence_bands(rendered):
+    html, db = rendered
+    root = ET.fromstring(chart_svgs(html)[0])
+    bands = [p for p in root.iter("path") if p.get("class") == "band"]
+    lines = [p for p in root.iter("polyline")]
+    assert sorted(b.get("fill") for b in bands) == sorted(line.get("stroke") for line in lines)
+    for band, line in zip(sorted(bands, key=lambda e: e.get("fill")), sorted(lines, key=lambda e: e.get("stroke"))):
+        ys = [float(pt.split(",")[1]) for pt in band.get("d")[1:-2].split(" L")]
+        points = [tuple(map(float, pt.split(","))) for pt in line.get("points").split()]
+        n = len(ys) // 2
+        upper, lower = ys[:n], ys[n:][::-1]
+        assert n == len(points)  # one band vertex above and one below each point of the curve
+        assert all(hi <= y <= lo for hi, (_, y), lo in zip(upper, points, lower))  # pixels: the top is smaller
+        assert any(lo - hi > 0.5 for hi, lo in zip(upper, lower))
+
+
+def test_heatmap_labels_reach_wcag_contrast():
+    assert style.contrast_ratio("#000000", "#ffffff") == pytest.approx(21)
+    assert style.contrast_ratio("#777777", "#ffffff") == pytest.approx(4.48, abs=0.01)
+    assert style.contrast_ratio("#21918c", "#21918c") == 1
+    worst = min(style.contrast_ratio(style.text_color_on(charts.accuracy_color(k / 1000)), charts.accuracy_color(k / 1000))
+                for k in range(1001))
+    assert worst >= 4.5
+    # the rule it replaces: white below 60%, which gives about 3:1 around 55-60%
+    assert style.contrast_ratio("#ffffff", charts.accuracy_color(0.58)) < 4.5
+
+
+def test_rendered_heatmap_labels_contrast_with_their_squares(rendered):
+    html, _ = rendered
+    pairs = []
+    for svg in chart_svgs(html)[1:9]:
+        items = list(ET.fromstring(svg))
+        pairs += [(a.get("fill"), b.get("fill")) for a, b in zip(items, items[1:])
+                  if a.get("class") == "heat" and b.get("class") == "heat-label"]
+    assert len(pairs) == 8 * 12
+    assert all(style.contrast_ratio(text, square) >= 4.5 for square, text in pairs), pairs
+
+
+def test_figures_are_standalone_svg_files(rendered):
+    html, db = rendered
+    folder = db.parent / report.FIGURES_DIR
+    files = sorted(folder.glob("*.svg"))
+    linked = re.findall(r'<a class="svg-file" href="(figures/[^"]+)"|Standalone SVG: <a href="(figures/[^"]+)"', html)
+    linked = sorted(unescape(a or b) for a, b in linked)
+    assert [f"figures/{f.name}" for f in files] == linked and len(files) == len(chart_svgs(html))
+    assert sorted(p.name for p in folder.iterdir()) == [f.name for f in files]  # nothing else in the folder
+    ns = "{http://www.w3.org/2000/svg}"
+    for path in files:
+        text = path.read_text()
+        assert text.startswith('<?xml version="1.0" encoding="UTF-8"?>')
+        root = ET.fromstring(text.split("\n", 1)[1])
+        assert root.tag == f"{ns}svg" and len(root.get("viewBox").split()) == 4
+        assert float(root.get("width")) > 0 and float(root.get("height")) > 0
+        assert root.find(f"{ns}title").text and ".series" in root.find(f"{ns}style").text
+        assert not [e for e in root.iter() for k in e.attrib if k.endswith("href")]  # nothing to fetch
+        assert HOSTILE not in text and "<img" not in text
+    ppl = ET.fromstring((folder / "perplexity.svg").read_text().split("\n", 1)[1])
+    assert len(ppl.findall(f"{ns}polyline")) == 4
 
 
 def test_title_block_and_appendix(rendered):

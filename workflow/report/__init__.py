@@ -11,9 +11,9 @@ The package, by concern:
 - `formatting` writes numbers, lengths, durations and JSON;
 - `render` builds the template context, writes the exported tables and renders the page.
 
-The page is reports/templates/report.html.j2 with report.css inlined; the charts are inline SVG (no JavaScript, no
-external resources).
+The page is reports/templates/report.html.j2 with report.css and charts.css inlined; the charts are inline SVG (no
+JavaScript, no external resources), and each is also written as a standalone SVG file into figures/.
 """
-from workflow.report.render import EXPORT_DIR, TEMPLATES_DIR, build_context, make_env, render_report
+from workflow.report.render import EXPORT_DIR, FIGURES_DIR, TEMPLATES_DIR, build_context, make_env, render_report
 
-__all__ = ["EXPORT_DIR", "TEMPLATES_DIR", "build_context", "make_env", "render_report"]
+__all__ = ["EXPORT_DIR", "FIGURES_DIR", "TEMPLATES_DIR", "build_context", "make_env", "render_report"]

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import yaml
 
+from workflow.report.charts import legend_key
 from workflow.report.formatting import as_json, compact_params, fmt_count, fmt_num
 from workflow.report.queries import Db
+from workflow.report.style import cell_style
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE_DIR = REPO / "reports" / "reference"   # methods.yaml (overview text), paper.yaml (published numbers)
@@ -15,8 +17,6 @@ REFERENCE_DIR = REPO / "reports" / "reference"   # methods.yaml (overview text),
 ROPE_LABELS = {"none": "RoPE (base)", "pi": "PI", "ntk": "NTK", "dynamic_ntk": "Dynamic NTK",
                "yarn": "YaRN", "clex": "CLEX"}
 ATTENTION_LABELS = {"exact": "exact", "lm_infinite": "LM-Infinite", "landmark": "Landmark"}
-PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2",
-           "#17becf", "#7f7f7f", "#bcbd22", "#393b79", "#637939"]
 
 
 def method_label(rope: str, attention: str) -> str:
@@ -107,7 +107,9 @@ def load_cells(db: Db, expected: list[str], methods: dict) -> list[dict]:
         c["params"] = compact_params({**(as_json(c["method_params"]) or {}), **(as_json(c["attention_params"]) or {})})
         c["scale"] = fmt_num(c["train_len"] / c["base_window"]) if c["base_window"] and c["train_len"] else "—"
         c["hash"] = (c["config_hash"] or "—")[:12]
-        c["color"] = PALETTE[i % len(PALETTE)]
+        c["style"] = cell_style(i)  # the same colour and marker in every figure
+        c["color"] = c["style"].color
+        c["key"] = legend_key(c["style"], dashed=c["regime"] == "frozen")
         c["ok"] = c["status"] == "ok"
         c["status_text"] = c["status"] + (f": {c['status_reason']}" if c.get("status_reason") else "")
     return cells

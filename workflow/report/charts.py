@@ -1,5 +1,7 @@
-"""The report's SVG chart library: scales, axes, line charts and heat maps, all inline SVG (no scripts, no external
-resources); every text and attribute is escaped here."""
+"""The report's SVG chart library: scales, axes, line charts (with confidence bands and per-cell markers) and heat
+maps. Every chart is drawn once and comes out twice: inline for the HTML page (styled by the page's CSS) and as a
+standalone SVG file (its own xmlns, viewBox, stylesheet and white background) for reuse elsewhere. No scripts, no
+external resources; every text and attribute is escaped here."""
 from __future__ import annotations
 
 import math
@@ -9,6 +11,10 @@ from html import escape
 from markupsafe import Markup
 
 from workflow.report.formatting import fmt_len, fmt_num
+from workflow.report.style import Style, marker_path, text_color_on
+
+SVG_NS = "http://www.w3.org/2000/svg"
+DASH = "6 3"   # the dash pattern of frozen cells' lines
 
 
 def _attrs(attrs: dict) -> str:
@@ -28,11 +34,29 @@ class Svg:
         else:
             self.parts.append(f"<{tag}{_attrs(attrs)}>{escape(str(text))}</{tag}>")
 
-    def render(self) -> Markup:
+    def open(self, tag: str, **attrs) -> None:
+        self.parts.append(f"<{tag}{_attrs(attrs)}>")
+
+    def close(self, tag: str) -> None:
+        self.parts.append(f"</{tag}>")
+
+    def _root(self, extra: str = "") -> str:
         w, h = round(self.width), round(self.height)
-        return Markup(f'<svg class="chart" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
-                      f'aria-label="{escape(self.title)}"><title>{escape(self.title)}</title>'
-                      + "".join(self.parts) + "</svg>")
+        return (f'<svg{extra} class="chart" viewBox="0 0 {w} {h}" width="{w}" height="{h}" role="img" '
+                f'aria-label="{escape(self.title)}"><title>{escape(self.title)}</title>')
+
+    def render(self) -> Markup:
+        """Inline SVG for the HTML page, which styles it."""
+        return Markup(self._root() + "".join(self.parts) + "</svg>")
+
+    def standalone(self, css: str) -> str:
+        """A standalone SVG document: namespace, viewBox, its own stylesheet, a white background."""
+        if "]]>" in css:
+            raise ValueError("the chart stylesheet must not contain ']]>'")
+        return ('<?xml version="1.0" encoding="UTF-8"?>\n' + self._root(f' xmlns="{SVG_NS}"')
+                + f"<style><![CDATA[\n{css}\n]]></style>"
+                + f'<rect class="background" width="{round(self.width)}" height="{round(self.height)}" fill="#ffffff"/>'
+                + "".join(self.parts) + "</svg>\n")
 
 
 class Scale:
@@ -119,15 +143,28 @@ def draw_axes(svg: Svg, x, y, xlabel: str, ylabel: str, grid: bool = True) -> No
 class Series:
     name: str
     points: list[tuple[float, float]]
-    color: str
+    style: Style
     dashed: bool = False
+    band: list[tuple[float, float, float]] = field(default_factory=list)  # (x, low, high) of a confidence band
+    markers: bool = True  # draw the style's marker on the points (and in the legend)
 
 
 @dataclass
 class Chart:
-    svg: Markup
+    drawing: Svg
+    name: str                # file stem of the standalone copy
     clipped: int = 0
     notes: list[str] = field(default_factory=list)
+    file: str | None = None  # where the standalone copy is written, relative to the report
+
+    @property
+    def svg(self) -> Markup:
+        """Inline, for the page."""
+        return self.drawing.render()
+
+    def document(self, css: str) -> str:
+        """The same chart as a standalone SVG document styled by `css`."""
+        return self.drawing.standalone(css)
 
 
 def _domain(values: list[float], kind: str) -> tuple[float, float]:
@@ -140,66 +177,101 @@ def _domain(values: list[float], kind: str) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
-def line_chart(series: list[Series], *, title: str, xlabel: str, ylabel: str, x_kind: str = "linear",
-               y_kind: str = "linear", markers: list[tuple[float, str]] = (), clip: float | None = None,
-               width: int = 1040, height: int = 400) -> Chart:
-    """Polylines with a legend; y values above `clip` are drawn at the top edge with a triangle."""
+def draw_marker(svg: Svg, style: Style, cx: float, cy: float, r: float = 4.0) -> None:
+    svg.add("path", d=marker_path(style.marker, cx, cy, r), stroke=style.color,
+            fill="#ffffff" if style.hollow else style.color, class_=f"point point-{style.marker}")
+
+
+def legend_key(style: Style, dashed: bool = False, markers: bool = True) -> Markup:
+    """A cell's line and marker as a small inline SVG (the key beside its name in a table)."""
+    svg = Svg(30, 12, "")
+    svg.add("line", x1=1, y1=6, x2=29, y2=6, stroke=style.color, stroke_dasharray=DASH if dashed else None,
+            class_="series")
+    if markers:
+        draw_marker(svg, style, 15, 6, 3.6)
+    return Markup('<svg class="key" viewBox="0 0 30 12" width="30" height="12" aria-hidden="true">'
+                  + "".join(svg.parts) + "</svg>")
+
+
+def _runs(items: list, ok) -> list[list]:
+    """The maximal runs of consecutive items for which ok(item) holds."""
+    runs, run = [], []
+    for item in items:
+        if ok(item):
+            run.append(item)
+        elif run:
+            runs.append(run)
+            run = []
+    return runs + ([run] if run else [])
+
+
+def line_chart(series: list[Series], *, title: str, xlabel: str, ylabel: str, name: str,
+               x_kind: str = "linear", y_kind: str = "linear", guides: list[tuple[float, str]] = (),
+               clip: float | None = None, width: int = 1040, height: int = 400, max_markers: int = 12) -> Chart:
+    """Polylines, each with its style's markers, an optional translucent confidence band and a legend entry;
+    `guides` are labelled vertical lines; y values above `clip` are drawn at the top edge with a triangle. The chart
+    grows taller when the legend needs it (one row per series)."""
     usable = lambda v, kind: v is not None and math.isfinite(v) and (kind == "linear" or v > 0)
-    xs = [x for s in series for x, _ in s.points if usable(x, x_kind)] + [m for m, _ in markers]
+    xs = [x for s in series for x, _ in s.points if usable(x, x_kind)] + [m for m, _ in guides]
     ys = [y for s in series for _, y in s.points if usable(y, y_kind)]
+    ys += [v for s in series for _, lo, hi in s.band for v in (lo, hi) if usable(v, y_kind)]
     if not xs or not ys:
         svg = Svg(width, 60, title)
         svg.add("text", "no data", x=10, y=30, class_="axis-label")
-        return Chart(svg.render())
-    capped = [min(y, clip) if clip else y for y in ys]
+        return Chart(svg, name)
+    cap = (lambda v: min(v, clip)) if clip else (lambda v: v)
     legend = len(series) > 1
-    legend_w = min(360, 30 + 6.6 * max(len(s.name) for s in series)) if legend else 0
-    left, top, bottom = 64, 24 + (24 if markers else 0), height - 46
-    right = width - legend_w - 16
+    legend_w = min(360, 42 + 6.6 * max(len(s.name) for s in series)) if legend else 0
+    top = 24 + (24 if guides else 0)
+    height = max(height, top + 16 * len(series) + 60) if legend else height
+    bottom = height - 46
+    left, right = 64, width - legend_w - 16
     x = Scale(*_domain(xs, x_kind), left, right, x_kind)
-    y = Scale(*_domain(capped, y_kind), bottom, top, y_kind)
+    y = Scale(*_domain([cap(v) for v in ys], y_kind), bottom, top, y_kind)
     svg = Svg(width, height, title)
     svg.add("text", title, x=left, y=14, class_="panel-title")
     draw_axes(svg, x, y, xlabel, ylabel)
-    for i, (mx, label) in enumerate(sorted(markers)):
-        px = x(mx)
-        svg.add("line", x1=f"{px:.1f}", y1=top, x2=f"{px:.1f}", y2=bottom, class_="marker")
-        svg.add("text", label, x=f"{px:.1f}", y=top - 6 - 11 * (i % 2), class_="marker-label",
-                text_anchor="middle")
+    for i, (gx, label) in enumerate(sorted(guides)):
+        px = x(gx)
+        svg.add("line", x1=f"{px:.1f}", y1=top, x2=f"{px:.1f}", y2=bottom, class_="guide")
+        svg.add("text", label, x=f"{px:.1f}", y=top - 6 - 11 * (i % 2), class_="guide-label", text_anchor="middle")
+    for s in series:  # bands under every line
+        ok = lambda b: usable(b[0], x_kind) and usable(b[1], y_kind) and usable(b[2], y_kind)
+        for run in _runs(sorted(s.band), ok):
+            upper = [f"{x(bx):.1f},{y(cap(hi)):.1f}" for bx, _, hi in run]
+            lower = [f"{x(bx):.1f},{y(cap(lo)):.1f}" for bx, lo, _ in reversed(run)]
+            svg.add("path", d="M" + " L".join(upper + lower) + " z", fill=s.style.color, class_="band")
     clipped = 0
     for s in series:
-        dash = "5 3" if s.dashed else None
-        segment: list[str] = []
-        segments = [segment]
-        for px_, py_ in s.points:
-            if not (usable(px_, x_kind) and usable(py_, y_kind)):
-                segment = []
-                segments.append(segment)
-                continue
-            over = clip is not None and py_ > clip
-            cx, cy = x(px_), y(min(py_, clip) if over else py_)
-            segment.append(f"{cx:.1f},{cy:.1f}")
-            if over:
-                clipped += 1
-                svg.add("path", d=f"M{cx:.1f},{cy - 7:.1f} l5,8 h-10 z", fill=s.color, class_="clip-mark")
-        for seg in segments:
-            if len(seg) > 1:
-                svg.add("polyline", points=" ".join(seg), stroke=s.color, stroke_dasharray=dash,
-                        class_="series")
-            elif seg:
-                cx, cy = seg[0].split(",")
-                svg.add("circle", cx=cx, cy=cy, r=2.5, fill=s.color)
+        ok = lambda p: usable(p[0], x_kind) and usable(p[1], y_kind)
+        every = max(1, math.ceil(len(s.points) / max_markers))
+        for run in _runs(s.points, ok):
+            pts = [(x(px_), y(cap(py_))) for px_, py_ in run]
+            if len(pts) > 1:
+                svg.add("polyline", points=" ".join(f"{cx:.1f},{cy:.1f}" for cx, cy in pts), stroke=s.style.color,
+                        stroke_dasharray=DASH if s.dashed else None, class_="series")
+            for k, ((_, py_), (cx, cy)) in enumerate(zip(run, pts)):
+                if clip is not None and py_ > clip:
+                    clipped += 1
+                    svg.add("path", d=f"M{cx:.1f},{cy - 7:.1f} l5,8 h-10 z", fill=s.style.color, class_="clip-mark")
+                elif s.markers and (k % every == 0 or k == len(run) - 1 or len(pts) == 1):
+                    draw_marker(svg, s.style, cx, cy)
+                elif len(pts) == 1:
+                    svg.add("circle", cx=f"{cx:.1f}", cy=f"{cy:.1f}", r=2.5, fill=s.style.color)
     for i, s in enumerate(series if legend else []):
-        ly = top + 8 + 16 * i
-        lx = right + 14
-        svg.add("line", x1=lx, y1=ly, x2=lx + 18, y2=ly, stroke=s.color,
-                stroke_dasharray="5 3" if s.dashed else None, class_="series")
-        svg.add("text", s.name, x=lx + 24, y=ly + 4, class_="legend-label")
+        ly, lx = top + 8 + 16 * i, right + 14
+        svg.open("g", class_="legend-item")
+        svg.add("line", x1=lx, y1=ly, x2=lx + 28, y2=ly, stroke=s.style.color,
+                stroke_dasharray=DASH if s.dashed else None, class_="series")
+        if s.markers:
+            draw_marker(svg, s.style, lx + 14, ly, 3.6)
+        svg.add("text", s.name, x=lx + 34, y=ly + 4, class_="legend-label")
+        svg.close("g")
     notes = []
     if clipped:
         notes.append(f"{clipped} value{'s' if clipped > 1 else ''} above {fmt_num(clip)} "
                      f"{'are' if clipped > 1 else 'is'} drawn at the top edge (▲).")
-    return Chart(svg.render(), clipped, notes)
+    return Chart(svg, name, clipped, notes)
 
 
 VIRIDIS = [(0.0, (68, 1, 84)), (0.25, (59, 82, 139)), (0.5, (33, 145, 140)), (0.75, (94, 201, 98)),
@@ -214,22 +286,25 @@ def accuracy_color(v: float) -> str:
     return "#" + "".join(f"{round(p + (q - p) * t):02x}" for p, q in zip(ca, cb))
 
 
-def heatmap(values: dict[tuple, float], xcats: list, ycats: list, *, title: str, xlabel: str,
-            ylabel: str, square: int = 38) -> Markup:
-    """Accuracy grid: x categories (lengths) by y categories (depths), value in % in each square."""
-    left, top = 58, 26
-    width = max(left + square * len(xcats) + 12, 7.3 * len(title) + 8)
+def heatmap(values: dict[tuple, float], xcats: list, ycats: list, *, title: str, xlabel: str, ylabel: str,
+            name: str, style: Style | None = None, square: int = 38) -> Chart:
+    """Accuracy grid: x categories (lengths) by y categories (depths), value in % in each square, written in black
+    or white, whichever contrasts more with the square; the cell's marker before the title."""
+    left, top, indent = 58, 26, 16 if style else 0
+    width = max(left + square * len(xcats) + 12, 7.3 * len(title) + 8 + indent)
     height = top + square * len(ycats) + 44
     x = BandScale(xcats, left, left + square * len(xcats), [fmt_len(c) for c in xcats])
     y = BandScale(ycats, top, top + square * len(ycats), [f"{c:g}" for c in ycats])
     svg = Svg(width, height, title)
-    svg.add("text", title, x=4, y=16, class_="panel-title")
+    if style:
+        draw_marker(svg, style, 9, 12, 4.2)
+    svg.add("text", title, x=4 + indent, y=16, class_="panel-title")
     for (cx, cy), v in values.items():
         px, py = x(cx), y(cy)
+        fill = accuracy_color(v)
         svg.add("rect", x=f"{px:.1f}", y=f"{py:.1f}", width=f"{square - 1:.1f}", height=f"{square - 1:.1f}",
-                fill=accuracy_color(v), class_="heat")
+                fill=fill, class_="heat")
         svg.add("text", f"{100 * v:.0f}", x=f"{px + square / 2:.1f}", y=f"{py + square / 2 + 4:.1f}",
-                class_="heat-label dark" if v > 0.6 else "heat-label", text_anchor="middle")
+                fill=text_color_on(fill), class_="heat-label", text_anchor="middle")
     draw_axes(svg, x, y, xlabel, ylabel, grid=False)
-    return svg.render()
-
+    return Chart(svg, name)

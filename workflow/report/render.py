@@ -1,7 +1,9 @@
-"""Rendering: the template context built from the database, the exported tables, and the report written to disk."""
+"""Rendering: the template context built from the database, and what the report stage writes beside report.html:
+the page itself, its tables (report_tables/), its figures as standalone SVG files (figures/)."""
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import duckdb
@@ -9,6 +11,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoes
 from markupsafe import Markup
 
 from workflow.report.cells import describe_data, describe_model, load_cells, load_reference
+from workflow.report.charts import Chart
 from workflow.report.claims import Evidence, claims_scoreboard, correlations, findings
 from workflow.report.formatting import abbreviate, as_json, fmt_count, fmt_duration, fmt_len, pretty
 from workflow.report.queries import Db, load_queries
@@ -18,6 +21,7 @@ from workflow.report.sections import (perplexity_section, reference_section, ret
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES_DIR = REPO / "reports" / "templates"
 EXPORT_DIR = "report_tables"                     # beside report.html: one CSV + Parquet per table
+FIGURES_DIR = "figures"                          # beside report.html: one standalone SVG per figure
 
 PACKAGES = ("torch", "transformers", "lm-eval", "snakemake", "hydra-core", "duckdb", "jinja2", "scipy", "numpy")
 
@@ -118,7 +122,49 @@ def build_context(db: Db, ppl_clip: float) -> dict:
         "runs": runs,
         "schema_version": db.one("schema_version").get("version"),
         "exports": export_tables(cells, ppl["rows"], retrieval, suites, corr, claims, training["table"]),
+        "figures": name_figures([ppl["chart"], *(p for r in retrieval.values() for p in r["panels"]),
+                                 *training["charts"]]),
     }
+
+
+def safe_name(name: str) -> str:
+    """A file name made of letters, digits, '_', '.' and '-' only."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name).strip(".") or "figure"
+
+
+def name_figures(charts: list[Chart]) -> list[Chart]:
+    """Give every chart its file under figures/ (a safe, unique name; a clash gets -2, -3, ...)."""
+    taken = set()
+    for chart in charts:
+        stem, k = safe_name(chart.name), 1
+        while (f"{stem}-{k}" if k > 1 else stem).lower() in taken:
+            k += 1
+        stem = f"{stem}-{k}" if k > 1 else stem
+        taken.add(stem.lower())
+        chart.file = f"{FIGURES_DIR}/{stem}.svg"
+    return charts
+
+
+def _replace_dir(tmp: Path, dst: Path) -> None:
+    """Put the finished folder `tmp` in place of `dst` (a reader sees the old or the new folder, then the new)."""
+    old = dst.with_name(f".{dst.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dst.exists():
+        dst.replace(old)
+    tmp.replace(dst)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_figures(charts: list[Chart], out_dir: Path, css: str) -> list[Path]:
+    """Every chart as a standalone SVG file at out_dir/<chart.file>; the figures folder holds nothing else."""
+    folder = out_dir / FIGURES_DIR
+    tmp = out_dir / f".{FIGURES_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for chart in charts:
+        (tmp / Path(chart.file).name).write_text(chart.document(css))
+    _replace_dir(tmp, folder)
+    return [out_dir / chart.file for chart in charts]
 
 
 def export_tables(cells, ppl_rows, retrieval, suites, corr, claims, efficiency) -> dict[str, list[dict]]:
@@ -173,7 +219,8 @@ def make_env(templates_dir: Path = TEMPLATES_DIR) -> Environment:
 
 def render_report(db_path: Path, out_path: Path, ppl_clip: float = 1e4,
                   templates_dir: Path = TEMPLATES_DIR) -> None:
-    """Render the study in `db_path` (opened read-only) into the self-contained HTML `out_path`."""
+    """Render the study in `db_path` (opened read-only) into the self-contained HTML `out_path`, its tables into
+    report_tables/ and its figures into figures/ beside it."""
     db_path, out_path = Path(db_path), Path(out_path)
     if not db_path.exists():
         raise FileNotFoundError(f"no database at {db_path}; run the store stage first")
@@ -183,10 +230,12 @@ def render_report(db_path: Path, out_path: Path, ppl_clip: float = 1e4,
     finally:
         con.close()
     env = make_env(templates_dir)
-    css = Markup((templates_dir / "report.css").read_text())
+    chart_css = (templates_dir / "charts.css").read_text()
+    css = Markup((templates_dir / "report.css").read_text() + "\n" + chart_css)
     html = env.get_template("report.html.j2").render(css=css, **context)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_exports(context["exports"], out_path.parent / EXPORT_DIR)
+    write_figures(context["figures"], out_path.parent, chart_css)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     tmp.write_text(html)
     tmp.replace(out_path)

@@ -8,6 +8,7 @@ from workflow.report.charts import Series, heatmap, line_chart
 from workflow.report.claims import Evidence
 from workflow.report.formatting import fmt_duration, fmt_len, fmt_num, fmt_pct
 from workflow.report.queries import Db
+from workflow.report.style import Style
 
 PPL = ("ppl", "ppl")                # (task, metric) of perplexity rows
 ACCURACY = "accuracy"              # metric of retrieval rows (length x depth grid)
@@ -58,16 +59,19 @@ def perplexity_section(db: Db, cells: list[dict], base_window, ppl_clip: float) 
     rows = db.rows("length_values", *PPL)
     series = []
     for c in cells:
-        pts = [(r["eval_len"], r["value"]) for r in rows if r["cell_id"] == c["cell_id"]]
-        if pts:
-            series.append(Series(c["cell_id"], pts, c["color"], dashed=c["regime"] == "frozen"))
+        own = [r for r in rows if r["cell_id"] == c["cell_id"]]
+        band = [(r["eval_len"], r["ci_low"], r["ci_high"]) for r in own
+                if r["ci_low"] is not None and r["ci_high"] is not None]
+        if own:
+            series.append(Series(c["cell_id"], [(r["eval_len"], r["value"]) for r in own], c["style"],
+                                 dashed=c["regime"] == "frozen", band=band))
     marks = {base_window: f"base {fmt_len(base_window)}"} if base_window else {}
     for c in cells:
         if c["train_len"] is not None:
             marks.setdefault(c["train_len"], f"train {fmt_len(c['train_len'])}")
     chart = line_chart(series, title="Perplexity by evaluation length", xlabel="evaluation length (tokens, log₂)",
-                       ylabel="perplexity (log)", x_kind="log2", y_kind="log10",
-                       markers=sorted(marks.items()), clip=ppl_clip)
+                       ylabel="perplexity (log)", name="perplexity", x_kind="log2", y_kind="log10",
+                       guides=sorted(marks.items()), clip=ppl_clip)
     return {"rows": rows, "table": length_table(cells, rows, better="low", fmt=fmt_num), "chart": chart}
 
 
@@ -83,8 +87,8 @@ def retrieval_section(db: Db, cells: list[dict]) -> dict:
         for c in cells:
             vals = {(r["eval_len"], r["depth"]): r["value"] for r in grid if r["cell_id"] == c["cell_id"]}
             if vals:
-                panels.append(heatmap(vals, lengths, depths, title=c["cell_id"],
-                                      xlabel="length (tokens)", ylabel="depth"))
+                panels.append(heatmap(vals, lengths, depths, title=c["cell_id"], xlabel="length (tokens)",
+                                      ylabel="depth", name=f"{task}-{c['cell_id']}", style=c["style"]))
             else:
                 absent.append(c["cell_id"])
         by_len = db.rows("retrieval_by_length", task, ACCURACY)
@@ -97,26 +101,26 @@ def retrieval_section(db: Db, cells: list[dict]) -> dict:
     return out
 
 
-def _loss_series(log_rows: list[dict], cid: str, name: str, color: str, max_points: int = 1000):
+def _loss_series(log_rows: list[dict], cid: str, name: str, style: Style, max_points: int = 1000, **kw):
     pts = [(r["step"], r["loss"]) for r in log_rows if r["cell_id"] == cid]
     stride = max(1, len(pts) // max_points)
     pts = pts[::stride] + ([pts[-1]] if (len(pts) - 1) % stride else [])
-    return Series(name, pts, color) if pts else None
+    return Series(name, pts, style, **kw) if pts else None
 
 
 def training_section(db: Db, cells: list[dict], base_train: dict) -> dict:
     """Loss curves (base pretraining; all fine-tuned cells) and the cost table."""
     log_rows = db.rows("train_log")
     charts = []
-    base = _loss_series(log_rows, BASE_TRAIN_ID, "base pretraining", "#333333")
+    base = _loss_series(log_rows, BASE_TRAIN_ID, "base pretraining", Style("#333333"), markers=False)
     if base:
         charts.append(line_chart([base], title="Base model pretraining", xlabel="step",
-                                 ylabel="training loss", height=280))
-    tuned = [_loss_series(log_rows, c["cell_id"], c["cell_id"], c["color"])
+                                 ylabel="training loss", name="training-base", height=280))
+    tuned = [_loss_series(log_rows, c["cell_id"], c["cell_id"], c["style"])
              for c in cells if c["regime"] == "finetuned"]
     if any(tuned):
         charts.append(line_chart([s for s in tuned if s], title="Fine-tuning (every fine-tuned cell)",
-                                 xlabel="step", ylabel="training loss", height=320))
+                                 xlabel="step", ylabel="training loss", name="training-finetune", height=320))
     steps = {r["cell_id"]: r["steps"] for r in db.rows("train_steps")}
     eval_wall = {r["cell_id"]: r["eval_wall_s"] for r in db.rows("eval_wall")}
     table = []

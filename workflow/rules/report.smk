@@ -1,10 +1,12 @@
-# Report stage: one self-contained HTML file rendered from DuckDB (opened read-only).
+# Report stage: one self-contained HTML file rendered from DuckDB (opened read-only), its tables as CSV and
+# Parquet (report_tables/) and every figure as a standalone SVG file (figures/).
 rule report:
     input:
         db=f"{R}/metrics.duckdb",
     output:
         html=f"{R}/report.html",
         tables=directory(f"{R}/report_tables"),
+        figures=directory(f"{R}/figures"),
     log:
         f"{R}/logs/report.log",
     shell:
