@@ -37,6 +37,7 @@ def test_publish_copies_every_study_and_indexes_them(tmp_path):
         assert (out / "exports" / "metrics.csv").exists()
         figures = sorted(p.name for p in (src / report.FIGURES_DIR).iterdir())
         assert figures and sorted(p.name for p in (out / report.FIGURES_DIR).iterdir()) == figures
+        assert sorted(p.name for p in (out / report.DOCS_DIR).iterdir()) == sorted(report.DOCS)
         assert link_problems((out / "report.html").read_text(), out) == []  # every link resolves where published
     index = (site / "index.html").read_text()
     assert 'href="alpha/report.html"' in index and 'href="beta/report.html"' in index
@@ -67,3 +68,4 @@ def test_snakemake_publish_target_dry_run(tmp_path):
     assert f"-m workflow.stages.publish --study-dir results/micro --dest {tmp_path / 'site'}" in out
     assert "results/micro/report_tables" in out  # the report rule declares its exported tables
     assert "results/micro/figures" in out  # ... and its standalone figures
+    assert "results/micro/docs" in out  # ... and the documents it links to

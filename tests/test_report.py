@@ -14,7 +14,7 @@ from tests.helpers import (ABSENT_CELL, HOSTILE, HOSTILE_CELL, MISSING_CELL, PPL
                            RULER_TASKS, build_study, link_problems, ruler_score)
 
 from workflow import report, stats, store
-from workflow.report import charts, claims, formatting, queries, style
+from workflow.report import cells, charts, claims, formatting, queries, style
 from workflow.stages import report as report_stage
 
 REPORT_PACKAGE = REPO / "workflow" / "report"
@@ -215,6 +215,43 @@ def test_every_link_resolves_in_the_output_folder(variant, rendered, rendered_pl
     html, db = rendered if variant == "hostile" else rendered_plain
     assert link_problems(html, db.parent) == []
     assert len(re.findall(r'href="figures/', html)) == len(chart_svgs(html))
+
+
+# The citable paper of each method (the Reddit posts of NTK-aware and Dynamic NTK are cited through the YaRN paper).
+PAPERS = {"pi": ("2306.15595", None), "ntk": ("2309.00071", "Sec. 3.1"), "dynamic_ntk": ("2309.00071", "Sec. 3.3"),
+          "yarn": ("2309.00071", None), "clex": ("2310.16450", None), "lm_infinite": ("2308.16137", None),
+          "landmark": ("2305.16300", None)}
+
+
+def test_methods_yaml_cites_each_method_on_arxiv():
+    methods, paper = cells.load_reference()
+    entries = {**methods["rope"], **methods["attention"]}
+    for name, (arxiv, section) in PAPERS.items():
+        assert (entries[name]["paper"]["arxiv"], entries[name]["paper"].get("section")) == (arxiv, section), name
+    assert all(e.get("paper") for name, e in entries.items() if name != "exact")
+    assert paper["arxiv"] == "2409.12181"  # LCEG, the reference study
+    with pytest.raises(ValueError, match="not an arXiv identifier"):
+        cells.paper_link({"arxiv": "javascript:alert(1)"})
+
+
+def test_method_overview_links_its_definition_and_paper(rendered):
+    html, db = rendered
+    body = re.search(r'<section id="cells">(.*?)</section>', html, flags=re.S).group(1)
+    rows = {re.sub(r"<svg.*?</svg>", "", m.group(1), flags=re.S): m.group(2)
+            for m in re.finditer(r'<th scope="row" class="cell-id">(.*?)</th>(.*?)</tr>', body, flags=re.S)}
+    expected = {"none-exact-256-frozen": ("§0", "2104.09864"), "pi-exact-512-ft": ("§2", "2306.15595"),
+                "ntk-exact-512-ft": ("§3.1", "2309.00071"), "yarn-exact-1024-ft": ("§4", "2309.00071")}
+    for cell_id, (section, arxiv) in expected.items():
+        assert f'<a href="docs/methods.md">{section}</a>' in rows[cell_id], cell_id
+        assert f'<a href="https://arxiv.org/abs/{arxiv}"' in rows[cell_id] and f">arXiv:{arxiv}</a>" in rows[cell_id]
+    assert "Sec. 3.1" in rows["ntk-exact-512-ft"]
+    assert '<a href="docs/reference-study.md">docs/reference-study.md §7</a>' in html
+    assert '<a href="https://arxiv.org/abs/2409.12181">arXiv:2409.12181</a>' in html
+    for name in report.DOCS:  # the documents it links to, copied beside it, their own links intact
+        copy = db.parent / report.DOCS_DIR / name
+        assert copy.read_bytes() == (REPO / "docs" / name).read_bytes()
+        for target in re.findall(r"\]\(([^)\s#]+)", copy.read_text()):
+            assert target.startswith("https://") or (copy.parent / target).is_file(), (name, target)
 
 
 def test_the_link_check_finds_broken_links(tmp_path):

@@ -12,8 +12,11 @@ The package, by concern:
 - `render` builds the template context, writes the exported tables and renders the page.
 
 The page is reports/templates/report.html.j2 with report.css and charts.css inlined; the charts are inline SVG (no
-JavaScript, no external resources), and each is also written as a standalone SVG file into figures/.
+JavaScript, no external resources), and each is also written as a standalone SVG file into figures/; the documents the
+report cites are copied into docs/ beside it.
 """
-from workflow.report.render import EXPORT_DIR, FIGURES_DIR, TEMPLATES_DIR, build_context, make_env, render_report
+from workflow.report.render import (DOCS, DOCS_DIR, EXPORT_DIR, FIGURES_DIR, TEMPLATES_DIR, build_context, make_env,
+                                    render_report)
 
-__all__ = ["EXPORT_DIR", "FIGURES_DIR", "TEMPLATES_DIR", "build_context", "make_env", "render_report"]
+__all__ = ["DOCS", "DOCS_DIR", "EXPORT_DIR", "FIGURES_DIR", "TEMPLATES_DIR", "build_context", "make_env",
+           "render_report"]

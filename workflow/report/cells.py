@@ -2,6 +2,7 @@
 reports/reference/methods.yaml), the base model and the data."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -17,6 +18,7 @@ REFERENCE_DIR = REPO / "reports" / "reference"   # methods.yaml (overview text),
 ROPE_LABELS = {"none": "RoPE (base)", "pi": "PI", "ntk": "NTK", "dynamic_ntk": "Dynamic NTK",
                "yarn": "YaRN", "clex": "CLEX"}
 ATTENTION_LABELS = {"exact": "exact", "lm_infinite": "LM-Infinite", "landmark": "Landmark"}
+ARXIV_ID = re.compile(r"\d{4}\.\d{4,5}")
 
 
 def method_label(rope: str, attention: str) -> str:
@@ -25,6 +27,15 @@ def method_label(rope: str, attention: str) -> str:
         return rope_label
     attn = ATTENTION_LABELS.get(attention, attention)
     return attn if rope == "none" else f"{rope_label} + {attn}"
+
+
+def paper_link(paper: dict) -> dict:
+    """A methods.yaml `paper` entry with its arXiv URL; an id that is not of arXiv's form stops the report."""
+    arxiv = str(paper["arxiv"])
+    if not ARXIV_ID.fullmatch(arxiv):
+        raise ValueError(f"methods.yaml: {arxiv!r} is not an arXiv identifier (e.g. 2309.00071)")
+    return {"arxiv": arxiv, "url": f"https://arxiv.org/abs/{arxiv}", "cite": paper.get("cite"),
+            "section": paper.get("section")}
 
 
 def describe_model(model: dict, base_window) -> str:
@@ -102,8 +113,11 @@ def load_cells(db: Db, expected: list[str], methods: dict) -> list[dict]:
                                  if d and name not in ("none", "exact")) or (rope.get("changes", "—"))
         c["params_added"] = ", ".join(sorted({d.get("params_added", "none") for d in (rope, attn)} - {"none"})) \
             or ("none" if known else "—")
-        c["spec"] = ", ".join(d["spec"] for d, name in ((rope, c["rope"]), (attn, c["attention"]))
-                              if d and name not in ("none", "exact")) or rope.get("spec", "—")
+        parts = [d for d, name in ((rope, c["rope"]), (attn, c["attention"])) if d and name not in ("none", "exact")]
+        parts = parts or ([rope] if rope else [])   # the unmodified model: RoPE's own entry
+        c["specs"] = [d["spec"] for d in parts if d.get("spec")]
+        c["spec"] = ", ".join(c["specs"]) or "—"
+        c["papers"] = [paper_link(d["paper"]) for d in parts if d.get("paper")]
         c["params"] = compact_params({**(as_json(c["method_params"]) or {}), **(as_json(c["attention_params"]) or {})})
         c["scale"] = fmt_num(c["train_len"] / c["base_window"]) if c["base_window"] and c["train_len"] else "—"
         c["hash"] = (c["config_hash"] or "—")[:12]

@@ -1,5 +1,6 @@
 """Rendering: the template context built from the database, and what the report stage writes beside report.html:
-the page itself, its tables (report_tables/), its figures as standalone SVG files (figures/)."""
+the page itself, its tables (report_tables/), its figures as standalone SVG files (figures/) and a copy of the
+documents it cites (docs/), so that its links resolve in a clone and wherever the folder is published."""
 from __future__ import annotations
 
 import re
@@ -22,6 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 TEMPLATES_DIR = REPO / "reports" / "templates"
 EXPORT_DIR = "report_tables"                     # beside report.html: one CSV + Parquet per table
 FIGURES_DIR = "figures"                          # beside report.html: one standalone SVG per figure
+DOCS_DIR = "docs"                                # beside report.html: the documents the report links to
+DOCS_SOURCE = REPO / "docs"
+DOCS = ("methods.md", "reference-study.md")
 
 PACKAGES = ("torch", "transformers", "lm-eval", "snakemake", "hydra-core", "duckdb", "jinja2", "scipy", "numpy")
 
@@ -155,6 +159,20 @@ def _replace_dir(tmp: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def copy_docs(out_dir: Path, source: Path = DOCS_SOURCE, names: tuple[str, ...] = DOCS) -> list[Path]:
+    """The documents the report cites (docs/methods.md, docs/reference-study.md), copied to out_dir/docs/."""
+    missing = [name for name in names if not (source / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"the report links to {', '.join(missing)}, not found in {source}")
+    tmp = out_dir / f".{DOCS_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in names:
+        shutil.copy2(source / name, tmp / name)
+    _replace_dir(tmp, out_dir / DOCS_DIR)
+    return [out_dir / DOCS_DIR / name for name in names]
+
+
 def write_figures(charts: list[Chart], out_dir: Path, css: str) -> list[Path]:
     """Every chart as a standalone SVG file at out_dir/<chart.file>; the figures folder holds nothing else."""
     folder = out_dir / FIGURES_DIR
@@ -220,7 +238,7 @@ def make_env(templates_dir: Path = TEMPLATES_DIR) -> Environment:
 def render_report(db_path: Path, out_path: Path, ppl_clip: float = 1e4,
                   templates_dir: Path = TEMPLATES_DIR) -> None:
     """Render the study in `db_path` (opened read-only) into the self-contained HTML `out_path`, its tables into
-    report_tables/ and its figures into figures/ beside it."""
+    report_tables/, its figures into figures/ and the documents it links to into docs/ beside it."""
     db_path, out_path = Path(db_path), Path(out_path)
     if not db_path.exists():
         raise FileNotFoundError(f"no database at {db_path}; run the store stage first")
@@ -236,6 +254,7 @@ def render_report(db_path: Path, out_path: Path, ppl_clip: float = 1e4,
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_exports(context["exports"], out_path.parent / EXPORT_DIR)
     write_figures(context["figures"], out_path.parent, chart_css)
+    copy_docs(out_path.parent)
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     tmp.write_text(html)
     tmp.replace(out_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from workflow.report.cells import paper_link
 from workflow.report.charts import Series, heatmap, line_chart
 from workflow.report.claims import Evidence
 from workflow.report.formatting import fmt_duration, fmt_len, fmt_num, fmt_pct
@@ -169,6 +170,7 @@ def reference_section(cells: list[dict], ev: Evidence, downstream: dict, paper: 
                      "ref": {k: "—" if ref.get(k) is None else f"{ref[k]:g}" for k in paper["overview_columns"]},
                      "ours": ours})
     return {"rows": rows, "columns": paper["overview_columns"], "study": paper["study"],
+            "paper": paper_link({"arxiv": paper["arxiv"]}),
             "ours_columns": [f"ppl @{fmt_len(ev.longest)}" if ev.longest else "ppl", *downstream]}
 
 

@@ -1,4 +1,4 @@
-# Publish: copy the report, its tables, its figures and the database to a static-hosting folder, with an index of
+# Publish: copy the report, its tables, figures and documents and the database to a static-hosting folder, with an index of
 # every study there. `snakemake --cores all publish --config publish_dir=<dir>` (default: results/public).
 # The rule has no output file, so naming it as the target always runs it.
 rule publish:
@@ -6,6 +6,7 @@ rule publish:
         html=f"{R}/report.html",
         tables=f"{R}/report_tables",
         figures=f"{R}/figures",
+        docs=f"{R}/docs",
         db=f"{R}/metrics.duckdb",
     params:
         dest=config.get("publish_dir", "results/public"),
