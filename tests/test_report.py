@@ -243,7 +243,7 @@ def test_method_overview_links_its_definition_and_paper(rendered):
                 "ntk-exact-512-ft": ("§3.1", "2309.00071"), "yarn-exact-1024-ft": ("§4", "2309.00071")}
     for cell_id, (section, arxiv) in expected.items():
         assert f'<a href="docs/methods.md">{section}</a>' in rows[cell_id], cell_id
-        assert f'<a href="https://arxiv.org/abs/{arxiv}"' in rows[cell_id] and f">arXiv:{arxiv}</a>" in rows[cell_id]
+        assert f'<a href="https://arxiv.org/abs/{arxiv}"' in rows[cell_id] and f">arXiv:<wbr>{arxiv}</a>" in rows[cell_id]
     assert "Sec. 3.1" in rows["ntk-exact-512-ft"]
     assert '<a href="docs/reference-study.md">docs/reference-study.md §7</a>' in html
     assert '<a href="https://arxiv.org/abs/2409.12181">arXiv:2409.12181</a>' in html
@@ -660,6 +660,47 @@ def test_report_in_headless_chromium(rendered, tmp_path):
         width, height = map(int, size.split("x"))
         assert width > 0 and height > 0, sizes
     print(f"screenshot: {shot}")
+
+
+PDFTOTEXT = shutil.which("pdftotext")
+# Injected into a copy whose print rules apply on screen too, in a window as wide as an A4 page's text: after layout,
+# record every table or figure wider than the page and every closed <details> whose content takes no space.
+PRINT_PROBE = """<script>
+window.addEventListener("load", () => {
+  const width = document.documentElement.clientWidth, bad = [];
+  document.querySelectorAll("table, figure, pre, .scroll").forEach((e, i) => {
+    const r = e.getBoundingClientRect();
+    if (r.right > width + 1 || e.scrollWidth > e.clientWidth + 1) bad.push(e.tagName + i + ":" + Math.round(r.right));
+  });
+  document.querySelectorAll("details:not([open]) > :not(summary)").forEach((e, i) => {
+    if (e.getBoundingClientRect().height === 0) bad.push("details" + i);
+  });
+  document.body.setAttribute("data-print-problems", bad.join(",") || "none");
+});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None or PDFTOTEXT is None,
+                    reason="the print test needs Debian's chromium and poppler-utils (apt-get install chromium "
+                           "poppler-utils); not installed here")
+def test_printed_report_opens_every_details_and_clips_nothing(rendered, tmp_path):
+    html, _ = rendered
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run"]
+    page, pdf = tmp_path / "report.html", tmp_path / "report.pdf"
+    page.write_text(html)
+    subprocess.run([*flags, "--no-pdf-header-footer", f"--print-to-pdf={pdf}", page.as_uri()], capture_output=True,
+                   timeout=120)
+    text = subprocess.run([PDFTOTEXT, str(pdf), "-"], capture_output=True, text=True, timeout=60).stdout
+    # only inside collapsed <details>: the per-task tables, the rerun commands, the resolved configurations
+    assert "Table 4.1.1." in text and "--forcerun finetune evaluate" in text and '"steps": 30' in text
+    assert "Appendix A" in text and "Table A.3." in text
+    probed = tmp_path / "print-probed.html"
+    probed.write_text(html.replace("@media print {", "@media all {").replace("</body>", PRINT_PROBE + "</body>"))
+    # 703 px: the text width of an A4 page with the report's 12 mm side margins (186 mm at 96 px per inch)
+    dom = subprocess.run([*flags, "--hide-scrollbars", "--window-size=703,3000", "--dump-dom", probed.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert 'data-print-problems="none"' in dom.stdout, re.search(r'data-print-problems="[^"]*"', dom.stdout)
 
 
 def test_failed_cell_shows_its_reason(tmp_path):

@@ -242,9 +242,12 @@ def line_chart(series: list[Series], *, title: str, xlabel: str, ylabel: str, na
             lower = [f"{x(bx):.1f},{y(cap(lo)):.1f}" for bx, lo, _ in reversed(run)]
             svg.add("path", d="M" + " L".join(upper + lower) + " z", fill=s.style.color, class_="band")
     clipped = 0
-    for s in series:
+    for i, s in enumerate(series):
         ok = lambda p: usable(p[0], x_kind) and usable(p[1], y_kind)
+        # at most `max_markers` markers per curve, staggered from curve to curve, so curves that coincide still
+        # show each of their markers
         every = max(1, math.ceil(len(s.points) / max_markers))
+        phase = i % every
         for run in _runs(s.points, ok):
             pts = [(x(px_), y(cap(py_))) for px_, py_ in run]
             if len(pts) > 1:
@@ -254,7 +257,7 @@ def line_chart(series: list[Series], *, title: str, xlabel: str, ylabel: str, na
                 if clip is not None and py_ > clip:
                     clipped += 1
                     svg.add("path", d=f"M{cx:.1f},{cy - 7:.1f} l5,8 h-10 z", fill=s.style.color, class_="clip-mark")
-                elif s.markers and (k % every == 0 or k == len(run) - 1 or len(pts) == 1):
+                elif s.markers and ((k + phase) % every == 0 or len(pts) == 1):
                     draw_marker(svg, s.style, cx, cy)
                 elif len(pts) == 1:
                     svg.add("circle", cx=f"{cx:.1f}", cy=f"{cy:.1f}", r=2.5, fill=s.style.color)
