@@ -235,12 +235,15 @@ def line_chart(series: list[Series], *, title: str, xlabel: str, ylabel: str, na
         px = x(gx)
         svg.add("line", x1=f"{px:.1f}", y1=top, x2=f"{px:.1f}", y2=bottom, class_="guide")
         svg.add("text", label, x=f"{px:.1f}", y=top - 6 - 11 * (i % 2), class_="guide-label", text_anchor="middle")
-    for s in series:  # bands under every line
+    # bands under every line, fainter the more there are, so that where all overlap they stay below ~55% opacity
+    opacity = min(0.16, 0.8 / max(1, sum(bool(s.band) for s in series)))
+    for s in series:
         ok = lambda b: usable(b[0], x_kind) and usable(b[1], y_kind) and usable(b[2], y_kind)
         for run in _runs(sorted(s.band), ok):
             upper = [f"{x(bx):.1f},{y(cap(hi)):.1f}" for bx, _, hi in run]
             lower = [f"{x(bx):.1f},{y(cap(lo)):.1f}" for bx, lo, _ in reversed(run)]
-            svg.add("path", d="M" + " L".join(upper + lower) + " z", fill=s.style.color, class_="band")
+            svg.add("path", d="M" + " L".join(upper + lower) + " z", fill=s.style.color, fill_opacity=f"{opacity:.3f}",
+                    class_="band")
     clipped = 0
     for i, s in enumerate(series):
         ok = lambda p: usable(p[0], x_kind) and usable(p[1], y_kind)
