@@ -24,7 +24,8 @@ try:
     CFG = compose(config.get("study"), config.get("overrides", []))
     CELLS = {cell["cell_id"]: cell for cell in expand_grid(CFG)}
 except ConfigError as exc:
-    raise WorkflowError(f"ctxext configuration error: {exc}")
+    # The message alone and exit status 1: Snakemake would print any exception raised here with a traceback.
+    raise SystemExit(f"ctxext configuration error: {exc}")
 
 STUDY = CFG["study"]["name"]
 R = f"results/{STUDY}"
@@ -33,7 +34,7 @@ TASKS = CFG["eval"]["tasks"]
 FINETUNED = [c for c, cell in CELLS.items() if cell["regime"] == "finetuned"]
 VERSION = code_version()
 # Cluster resources of each model rule (gpu, mem_mb, runtime in minutes), from config/resources/.
-RESOURCES = {rule: dict(CFG.get("resources", {}).get(rule) or {}) for rule in ("data", "base", "finetune", "evaluate")}
+RESOURCES = CFG["resources"]
 # The fine-tuning command: `python -m workflow.stages.finetune`, or under finetune.launcher (e.g. accelerate/torchrun
 # for multi-GPU FSDP), whose module runner then takes the place of python.
 LAUNCH_FINETUNE = launch_prefix(CFG["finetune"].get("launcher"), PY, workflow.basedir)
