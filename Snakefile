@@ -7,8 +7,11 @@
 #   snakemake -n --cores all report                               # list every job/cell
 #   snakemake --cores all publish --config publish_dir=site       # copy report + tables + DB to site/<study>/
 import json
+import os
 import shlex
 import sys
+
+from snakemake.settings.types import DeploymentMethod
 
 sys.path.insert(0, workflow.basedir)
 from workflow.common import config_hash
@@ -29,7 +32,12 @@ except ConfigError as exc:
 
 STUDY = CFG["study"]["name"]
 R = f"results/{STUDY}"
-PY = sys.executable
+# The jobs' Python: this interpreter, or with `--sdm conda` the `python` of the rule's environment (envs/ctxext.yaml,
+# which installs the project from this checkout: CTXEXT_REPO).
+CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+PY = "python" if CONDA else sys.executable
+if CONDA:
+    os.environ["CTXEXT_REPO"] = workflow.basedir
 TASKS = CFG["eval"]["tasks"]
 FINETUNED = [c for c, cell in CELLS.items() if cell["regime"] == "finetuned"]
 VERSION = code_version()
@@ -62,6 +70,15 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/store.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/publish.smk"
+
+
+# Light rules run in the Snakemake process, never as cluster jobs (on SLURM they would queue for the GPU partition).
+localrules:
+    cell_config,
+    study_info,
+    ingest,
+    report,
+    publish,
 
 
 rule all:

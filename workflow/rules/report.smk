@@ -7,6 +7,8 @@ rule report:
         tables=directory(f"{R}/report_tables"),
     log:
         f"{R}/logs/report.log",
+    conda:
+        "../../envs/ctxext.yaml"
     shell:
         "{PY} -m workflow.stages.report --db {input.db} --out {output.html} 2> >(tee -a {log} >&2) && "
         "echo 'ctxext: report written to {output.html}' >&2"
