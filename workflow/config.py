@@ -55,7 +55,7 @@ def compose(study: str | None = None, overrides: list[str] | tuple[str, ...] = (
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=all_overrides)
             resolved = OmegaConf.to_container(cfg, resolve=True)
-    except Exception as exc:  # Hydra's own messages name the bad override; keep them, add context
+    except Exception as exc:  # an unknown key is named with the closest valid one; else Hydra's own message
         unknown = [m for m in map(_unknown_override, all_overrides) if m]
         raise ConfigError("; ".join(unknown) if unknown else
                           f"cannot compose the configuration (overrides {all_overrides}): {exc}") from exc
