@@ -12,5 +12,7 @@ rule publish:
         dest=config.get("publish_dir", "results/public"),
     log:
         f"{R}/logs/publish.log",
+    conda:
+        "../../envs/ctxext.yaml"
     shell:
         "{PY} -m workflow.stages.publish --study-dir {R} --dest {params.dest:q} " + TEE

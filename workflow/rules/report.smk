@@ -13,6 +13,8 @@ rule report:
         docs=directory(f"{R}/docs"),
     log:
         f"{R}/logs/report.log",
+    conda:
+        "../../envs/ctxext.yaml"
     shell:
         "{PY} -m workflow.stages.report --db {input.db} --out {output.html} 2> >(tee -a {log} >&2) && "
         "echo 'ctxext: report written to {output.html}' >&2"
