@@ -8,9 +8,13 @@ the same attention (see `methods.restore`).
 Evaluation goes through three methods of the kind (the defaults here are exact attention's):
 
 - `logits(model, ids)`: next-token logits at every position (the training-time view; [rows, T, vocab]).
-- `answer_logits(model, ids, positions)`: next-token logits at the given positions only. The prompt runs through
-  the decoder (in chunks of `prefill_chunk` tokens with a KV cache when it is longer than that), and the output
-  layer sees only the hidden states at `positions`, so no [rows, T, vocab] tensor ever exists.
+- `answer_logits(model, ids, positions)`: next-token logits at the given positions only: the output layer sees only
+  the hidden states at `positions`, so no [rows, T, vocab] tensor ever exists. The input runs through the decoder
+  in one pass without a cache, except for a kind with a bounded cache (`bounded_cache`, LM-Infinite), which runs it
+  in chunks of `prefill_chunk` tokens through that cache. (A cache that keeps every key, exact attention's, holds
+  all layers' keys and values of the whole input, more than the activations of one layer at a time that a
+  cacheless pass holds: in a LLaMA-shaped model 2·layers·kv_heads·head_dim values per token against a few times
+  the hidden and MLP widths, e.g. 11,520 against ~6,000 for SmolLM2-135M.)
 - `greedy_generate(model, ids, max_new_tokens, stop)`: greedy decoding through a KV cache: the prompt is prefilled
   in chunks, then every step feeds one token per row and runs the output layer at that position only.
 
@@ -102,6 +106,7 @@ class AttentionMethod:
     description = ""
     approximate = True
     regimes: tuple[str, ...] = REGIMES  # the regimes this attention kind supports
+    bounded_cache = False  # True: new_cache() keeps a bounded number of keys, so answer_logits runs in chunks
 
     # --- parameters -------------------------------------------------------------------------------------------
     def defaults(self, base_window: int, train_len: int, regime: str = "frozen") -> dict:
@@ -190,8 +195,9 @@ class AttentionMethod:
                       prefill_chunk: int | None = None) -> torch.Tensor:
         """Next-token logits [rows, k, vocab] (float32) at `positions` [rows, k] (int64, each in 0 .. n - 1) of
         `input_ids` [rows, n] (unpadded): equal to `logits(model, input_ids)` gathered at those positions, but the
-        output layer runs on those k hidden states only, and a prompt longer than `prefill_chunk` (default
-        DEFAULT_PREFILL_CHUNK) runs through the decoder in chunks with the kind's KV cache."""
+        output layer runs on those k hidden states only. The decoder runs in one pass without a cache, or, for a
+        kind with a bounded cache and an input longer than `prefill_chunk` (default DEFAULT_PREFILL_CHUNK), in
+        chunks through that cache (see the module docstring)."""
         _check_ids(input_ids)
         positions = torch.as_tensor(positions, dtype=torch.long, device=input_ids.device)
         if positions.dim() != 2 or positions.shape[0] != input_ids.shape[0]:
@@ -206,7 +212,7 @@ class AttentionMethod:
             rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
             return full[rows, positions].float()
         with _rope_of(model).fixed_length(model, n):
-            hidden = self._hidden_at(model, input_ids, positions, chunk)
+            hidden = self._hidden_at(model, input_ids, positions, chunk if self.bounded_cache else n)
         return model.get_output_embeddings()(hidden).float()
 
     @torch.no_grad()

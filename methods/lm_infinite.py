@@ -228,6 +228,7 @@ class LMInfinite(AttentionMethod):
     description = ("LM-Infinite: n_local recent keys plus the first n_global tokens at a capped distance, "
                    "one softmax, linear memory.")
     regimes = ("frozen",)
+    bounded_cache = True  # LambdaCacheLayer: answer_logits of a long input runs in chunks, memory O(chunk)
 
     def _defaults(self, base_window, train_len, regime):
         return {"n_local": int(base_window), "n_global": 10, "distance_cap": int(base_window)}

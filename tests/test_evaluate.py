@@ -143,10 +143,14 @@ class LargestTensor(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("prefill_chunk", [None, 1024])
-def test_retrieval_scoring_at_4096_tokens_never_builds_full_vocabulary_logits(prefill_chunk):
+@pytest.mark.parametrize("attention,prefill_chunk", [("exact", None), ("lm_infinite", None), ("lm_infinite", 1024)])
+def test_retrieval_scoring_at_4096_tokens_never_builds_full_vocabulary_logits(attention, prefill_chunk):
+    from methods import get_attention
+
     vocab, T, rows = 4096, 4096, 2  # the tiny study's vocabulary at its longest retrieval length
     model = tiny_llama(0, vocab=vocab, hidden=32, intermediate=64, layers=2, heads=2, window=256)
+    if attention == "lm_infinite":
+        get_attention(attention).apply(model, 256, 256, "frozen")
     samples = _retrieval_samples(vocab, [T], [0.5], rows)
     head_inputs = []
     model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: head_inputs.append(args[0].shape))

@@ -10,8 +10,8 @@ the evaluate stage dispatches through).
   tokens that are the argmax given the true answer tokens before them (mean over samples, t-interval over
   samples, clipped to [0, 1]); `answer_logprob`, the answer's mean log-probability per token under teacher
   forcing (mean over samples, t-interval over samples). The logits come from the attention kind's
-  `answer_logits`: only at the answer positions, the prompt prefilled in chunks of `eval.prefill_chunk` tokens,
-  so no [rows, T, vocab] tensor is built.
+  `answer_logits`: the output layer at the answer positions only, so no [rows, T, vocab] tensor is built (the
+  decoder in one pass, or in chunks of `eval.prefill_chunk` tokens for a kind with a bounded cache).
 """
 from __future__ import annotations
 
