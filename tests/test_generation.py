@@ -171,6 +171,14 @@ def test_dynamic_ntk_equals_recomputation_with_alpha_fixed_at_the_prompt(regime,
     assert_answer_logits_match(model, prompts(n), chunks=(None, 4))
 
 
+def test_dynamic_ntk_with_lm_infinite_keeps_the_prompts_alpha_in_the_capped_scores():
+    model = get_method("dynamic_ntk").apply(model_of(seed=5), W, 4 * W, "frozen")
+    twin = static_base_twin(model, 5, alpha_of(21, 2.0, W))
+    for m in (model, twin):  # the capped scores rotate with the pinned frequencies too
+        get_attention("lm_infinite").apply(m, W, 4 * W, "frozen", n_local=6, n_global=3, distance_cap=6)
+    assert_generation_matches(model, prompts(21), 6, chunks=(None, 4), reference=full_logits(twin))
+
+
 def test_dynamic_ntk_below_the_floor_is_plain_full_recomputation():
     model = get_method("dynamic_ntk").apply(model_of(seed=5), W, 4 * W, "frozen")
     assert_generation_matches(model, prompts(5), 10, chunks=(None, 3))  # 5 + 10 <= floor 16
@@ -208,6 +216,13 @@ def test_clex_equals_full_recomputation_across_multiples_of_L(n):
     assert_generation_matches(model, prompts(n), 14, chunks=(None, 3, 5))
     assert_answer_logits_match(model, prompts(n), chunks=(None, 3))
     assert model.model.rotary_emb.pinned_t is None
+
+
+def test_clex_with_lm_infinite_re_encodes_through_the_bounded_cache():
+    model = clex_model()
+    get_attention("lm_infinite").apply(model, 8, 16, "frozen", n_local=6, n_global=2)
+    for n in (6, 21):  # the bounded cache is emptied and refilled whenever decoding moves t
+        assert_generation_matches(model, prompts(n), 14, chunks=(None, 5))
 
 
 def test_clex_re_encodes_only_when_decoding_changes_t():
@@ -277,3 +292,34 @@ def test_a_kind_with_its_own_logits_gets_the_uncached_fallback():
     positions = torch.tensor([[3, 29], [0, 17]])
     torch.testing.assert_close(kind.answer_logits(model, ids, positions), full[[[0], [1]], positions].float())
     assert math.isfinite(float(full.sum()))
+
+
+# ---------------------------------------------------------------- the benchmark tool (a smoke test, no timings checked)
+
+
+def test_generation_benchmark_runs_and_writes_its_rows(tmp_path):
+    import duckdb
+
+    from workflow.config import compose
+    from workflow.modeling import build_scratch_model
+    from workflow.store import write_benchmarks
+    from workflow.tools import bench_generation as bench
+
+    cfg = compose("micro")
+    tokenizer = bench.bench_tokenizer(None, 300)
+    base = build_scratch_model(cfg["model"], bench._Sized(300, tokenizer), seed=0).eval()
+    rows = bench.run_benchmark(cfg, base, tokenizer, [40, 80], ["exact", "lm_infinite"], 4, 32, 1, "cpu",
+                               recompute_max=40, measure=("time",), verbose=False)
+    paths = sorted({(r["attention"], r["path"]) for r in rows})
+    assert paths == [("exact", "ctxext"), ("exact", "lm-eval HFLM"), ("exact", "lm-eval ctxext"),
+                     ("exact", "recompute"), ("lm_infinite", "ctxext")]
+    assert len(rows) == 5 + 4  # no full recomputation at 80 tokens
+    assert all(r["ratio"] > 0 and r["generate_s"] > 0 for r in rows)
+    text = bench.summary(rows, 4)
+    assert "gen/forward" in text and "vs HFLM" in text and "target: exact attention" in text
+    db = tmp_path / "bench.duckdb"
+    assert write_benchmarks(db, bench.benchmark_rows(rows, "micro", {"device": "cpu"}, 4)) == len(rows)
+    with duckdb.connect(str(db), read_only=True) as con:
+        got = con.execute("SELECT phase, attention, count(*) FROM benchmarks GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+    assert got == [("generate", "exact", 2), ("generate", "lm_infinite", 2), ("generate_hflm", "exact", 2),
+                   ("generate_lm_eval", "exact", 2), ("generate_recompute", "exact", 1)]
