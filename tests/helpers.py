@@ -1,6 +1,7 @@
 """Helpers shared by the tests (import them as `from tests.helpers import ...`; fixtures are in conftest.py):
 
-- small random LLaMA models, inputs and a real tokenizer (`tiny_llama`, `random_ids`, `logits`, `stdlib_tokenizer`);
+- small random LLaMA models, inputs and a real tokenizer (`tiny_llama`, `random_ids`, `logits`, `stdlib_tokenizer`),
+  and the reference of cached generation (`greedy_by_recomputation`);
 - the micro study's data and base stages built in a tmp dir, and the stage commands run as subprocesses
   (`build_stage`, `run_module`, `finetune_args`, `read_log`);
 - a small fake results tree with the layout of results/<study>/ for the store and report tests (`build_study`), and
@@ -46,6 +47,17 @@ def random_ids(n, vocab, seed=1):
 @torch.no_grad()
 def logits(model, x):
     return model(input_ids=x).logits
+
+
+@torch.no_grad()
+def greedy_by_recomputation(logits_fn, input_ids, max_new_tokens):
+    """Greedy decoding by full recomputation, the reference of every cached generation: the argmax of the last
+    logits of a full forward pass (`logits_fn(ids) -> [rows, T, vocab]`) over everything so far, appended, repeated.
+    Returns the new tokens [rows, max_new_tokens]."""
+    ids = input_ids
+    for _ in range(max_new_tokens):
+        ids = torch.cat([ids, logits_fn(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[:, input_ids.shape[1]:]
 
 
 def stdlib_tokenizer(vocab=512, modules=("argparse.py", "typing.py", "inspect.py")):

@@ -41,6 +41,17 @@ def _no_checks(ev: dict) -> None:
     return None
 
 
+def _validate_prefill_chunk(ev: dict) -> None:
+    """eval.prefill_chunk (tokens per prefill forward of retrieval scoring and generation) is a positive integer or
+    null (methods.attention.DEFAULT_PREFILL_CHUNK)."""
+    from methods.attention import check_prefill_chunk
+
+    try:
+        check_prefill_chunk(ev.get("prefill_chunk"))
+    except ValueError as exc:
+        raise TaskConfigError(f"eval.{exc}") from None
+
+
 def register(name: str, *, data_files: tuple[str, ...] = (), description: str = "",
              validate: Callable[[dict], None] = _no_checks):
     """Decorator: register `fn(ctx) -> (rows, meta)` as the evaluation task `name`."""
@@ -79,7 +90,8 @@ class EvalContext:
 
         ev = self.eval
         return CellLM(model=self.model, tokenizer=str(self.model_dir), max_gen_toks=ev["max_gen_toks"],
-                      max_length=longest_eval_len(self.cfg) + ev["max_gen_toks"], batch_size=ev["gen_batch_size"])
+                      max_length=longest_eval_len(self.cfg) + ev["max_gen_toks"], batch_size=ev["gen_batch_size"],
+                      prefill_chunk=ev.get("prefill_chunk"))
 
 
 # --- tasks ------------------------------------------------------------------------------------------------------
@@ -90,19 +102,21 @@ def ppl(ctx: EvalContext):
     return evaluate_ppl(ctx.model, test, ctx.manifest["tokenizer"]["eos_id"], ctx.eval)
 
 
-@register("passkey", data_files=("passkey.jsonl",),
-          description="passkey retrieval over the length x depth grid (exact match of greedy decoding)")
+@register("passkey", data_files=("passkey.jsonl",), validate=_validate_prefill_chunk,
+          description="passkey retrieval over the length x depth grid (exact match of greedy decoding, per-token "
+                      "accuracy and the answer's log-probability)")
 def passkey(ctx: EvalContext):
     return evaluate_retrieval(ctx.model, ctx.data_dir / "passkey.jsonl", ctx.eval)
 
 
-@register("needle", data_files=("needle.jsonl",),
+@register("needle", data_files=("needle.jsonl",), validate=_validate_prefill_chunk,
           description="needle-in-a-haystack retrieval in held-out code over the length x depth grid")
 def needle(ctx: EvalContext):
     return evaluate_retrieval(ctx.model, ctx.data_dir / "needle.jsonl", ctx.eval)
 
 
 def _validate_ruler(ev: dict) -> None:
+    _validate_prefill_chunk(ev)
     ruler = ev["ruler"]
     unknown = [t for t in ruler["tasks"] if t not in FAMILIES]
     if unknown or not ruler["tasks"]:
@@ -123,6 +137,7 @@ def ruler(ctx: EvalContext):
 
 
 def _validate_lm_eval(ev: dict) -> None:
+    _validate_prefill_chunk(ev)
     cfg = ev["lm_eval"]
     if not cfg["tasks"]:
         raise TaskConfigError("eval.tasks lists lm_eval but eval.lm_eval.tasks is empty")
