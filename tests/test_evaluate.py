@@ -169,6 +169,7 @@ def test_a_bad_prefill_chunk_stops_before_any_compute():
     from workflow.config import ConfigError, compose, validate
 
     validate(compose("micro", ["eval.prefill_chunk=null"]))  # null: the default chunk
-    for bad in ("0", "-4", "2.5", "true"):
-        with pytest.raises(ConfigError, match="eval.prefill_chunk must be a positive integer"):
+    for bad, message in (("0", "must be >= 1"), ("-4", "must be >= 1"), ("2.5", "must be an integer or null"),
+                         ("true", "must be an integer or null")):
+        with pytest.raises(ConfigError, match=f"eval.prefill_chunk {message}"):
             validate(compose("micro", [f"eval.prefill_chunk={bad}"]))
