@@ -8,15 +8,26 @@
   probability is shared among the block's regular tokens by a softmax within the block. Landmarks get zero weight
   on the values. This equals one ordinary softmax over modified logits (`grouped_logits`): for a regular key j of
   an earlier block g, s_j - logsumexp_{regular j' in g}(s_j') + s_landmark(g).
-- Inference with memory (`logits`): the sequence (landmarks inserted) is processed in block-aligned windows of
-  W = T - (T mod B) - (k + 1)·B tokens (T = training context, k = top_k). Each layer keeps the keys (un-rotated,
-  i.e. pre-RoPE) and values of all complete blocks of earlier windows. Every query token and head scores every
-  memory block by q · (its landmark key, rotated at the common synthetic position B - 1), keeps the top k blocks
-  (re-sorted by original index) and sees them at re-assigned contiguous positions: right-aligned in the k block
-  slots [0, k·B) just before the window, which sits at positions k·B + t. Every relative distance is therefore at
-  most k·B + W - 1 <= T - B - 1. The grouped softmax spans the retrieved blocks and the window. When the memory
-  holds at most k blocks, every block is retrieved at its true relative distance, so the result equals one
-  single pass (tested).
+- Inference with memory (`logits`): the sequence (landmarks inserted) is
+  processed in block-aligned windows of W = T - (T mod B) - (k + 1)·B tokens (T = training context, k = top_k), as
+  the official code chunks it. Each layer keeps the keys (un-rotated, i.e. pre-RoPE) and values of all complete
+  blocks of earlier windows. Positions are the official code's (`llama_mem.py`, `LlamaAttention.forward`: the
+  `mem_indices`/`mem_pos` statements for scoring, the `selected_indices` ones for placement; l.361-365 and l.386-388
+  as the fidelity issue counts them), written relative to the window, which sits at (k + 1)·B + t; the n memory
+  blocks end just before it. With k' = min(k, n) and
+  prefix = (k + 1)·B - (k' + 1)·B (0 once n >= k):
+  * scoring (`scoring_positions`): every query token and head scores every memory block by q · R(p)·k_landmark,
+    the k' most recent landmarks at their true positions and every older one at the single position
+    prefix + B - 1, just beyond them (one block further than the oldest of the k' recent ones);
+  * selection (`select_blocks`): the top k' blocks per token and head, re-sorted by original index (an exact tie,
+    e.g. between the older blocks of layer 0, whose landmark keys are all equal, goes to the more recent block; the
+    official code leaves ties to torch.topk; keys computed in forwards of different lengths can differ in the last
+    bit, and then rounding, not the rule, orders such blocks);
+  * placement (`slot_positions`): the chosen block in sorted place s sits at prefix + s·B + j, one block further
+    right (+ B) when it is among the k' most recent: k' + 1 block slots before the window.
+  Every relative distance is therefore at most (k + 1)·B + W - 1 = T - (T mod B) - 1 <= T - 1. When the memory holds
+  at most k blocks, every block is retrieved at its true relative distance, so the result equals one single pass
+  (tested).
 - Everything reported to the user is at regular tokens: `logits` drops the landmark positions (the prediction of
   the token after a landmark comes from the regular token before it) and the landmark column of the vocabulary;
   the fine-tuning loss (`training_inputs`) excludes the landmark positions.
@@ -61,9 +72,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """RoPE rotation of `x` [..., P, d] by `positions` [P] (may be negative: the inverse rotation), computed
-    directly from inv_freq in float32 (so a cos/sin magnitude of the rotary module is neither applied nor undone)."""
-    angles = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
+    """RoPE rotation of `x` [..., d] by `positions`, broadcastable to x.shape[:-1] (e.g. [P] for x [..., P, d]; may be
+    negative: the inverse rotation), computed directly from inv_freq in float32 (so a cos/sin magnitude of the rotary
+    module is neither applied nor undone)."""
+    angles = positions.to(torch.float32)[..., None] * inv_freq.to(torch.float32)
     angles = torch.cat((angles, angles), dim=-1)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     return x * cos + _rotate_half(x) * sin
@@ -80,19 +92,20 @@ def earlier_block_logits(scores: torch.Tensor) -> torch.Tensor:
 
 
 def grouped_logits(scores: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Single-pass grouped-softmax logits. `scores` [..., Q, Q] are raw causal logits of a sequence that starts at a
-    block boundary (key j is the landmark of its block iff j mod B = B - 1); returns [..., Q, Q] logits whose softmax
-    over the last axis is landmark attention: own block's regular keys up to the query direct, earlier blocks gated
-    by their landmarks, later keys and the own block's landmark excluded."""
+    """Grouped-softmax logits of one pass. `scores` [..., Q, K] are raw logits of a sequence of K keys that starts at a
+    block boundary (key j is the landmark of its block iff j mod B = B - 1), the Q queries being its last Q tokens
+    (Q = K without a cache); returns [..., Q, K] logits whose softmax over the last axis is landmark attention: own
+    block's regular keys up to the query direct, earlier blocks gated by their landmarks, later keys and the own
+    block's landmark excluded."""
     q_len, k_len = scores.shape[-2:]
-    if q_len != k_len:
-        raise ValueError(f"grouped_logits needs as many queries as keys (no cache), got {q_len} and {k_len}")
+    if q_len > k_len:
+        raise ValueError(f"grouped_logits: {q_len} queries but only {k_len} keys (the queries are the last keys)")
     n_blocks = -(-k_len // block_size)
     pad = n_blocks * block_size - k_len
     padded = torch.nn.functional.pad(scores, (0, pad), value=NEG_INF) if pad else scores
     blocks = padded.unflatten(-1, (n_blocks, block_size))                       # [..., Q, nb, B]
     device = scores.device
-    query = torch.arange(q_len, device=device)
+    query = torch.arange(k_len - q_len, k_len, device=device)
     key = torch.arange(n_blocks * block_size, device=device).view(n_blocks, block_size)
     query_block = (query // block_size)[:, None, None]                          # [Q, 1, 1]
     key_block = (key // block_size)[None]                                       # [1, nb, B]
@@ -106,7 +119,7 @@ def grouped_logits(scores: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def grouped_weights(scores: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Landmark attention weights [..., Q, Q] from raw logits (see `grouped_logits`); each row sums to 1."""
+    """Landmark attention weights [..., Q, K] from raw logits (see `grouped_logits`); each row sums to 1."""
     return torch.softmax(grouped_logits(scores, block_size), dim=-1)
 
 
@@ -114,26 +127,76 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+# --- memory positions (llama_mem.py's index formulas, relative to the window) ------------------------------------
+def scoring_positions(n_blocks: int, top_k: int, block_size: int, window_offset: int, device=None) -> torch.Tensor:
+    """[n_blocks] positions at which each memory block's landmark key is rotated for scoring, the window starting at
+    `window_offset`: the k' = min(k, n) most recent landmarks at their true positions, every older one at the one
+    position prefix + B - 1 just beyond them (prefix = window_offset - (k' + 1)·B)."""
+    recent = min(top_k, n_blocks)
+    prefix = window_offset - (recent + 1) * block_size
+    index = torch.zeros(n_blocks, dtype=torch.long, device=device)
+    index[n_blocks - recent:] = torch.arange(1, recent + 1, device=device)
+    return prefix + index * block_size + block_size - 1
+
+
+def slot_positions(chosen: torch.Tensor, n_blocks: int, block_size: int, window_offset: int) -> torch.Tensor:
+    """Re-assigned positions [..., k', B] of the chosen memory blocks `chosen` [..., k'] (sorted block indices, k' =
+    min(k, n)): the block in sorted place s at prefix + s·B + j, plus B when it is among the k' most recent blocks;
+    k' + 1 block slots [prefix, window_offset) just before the window."""
+    recent = chosen.shape[-1]
+    prefix = window_offset - (recent + 1) * block_size
+    slot = torch.arange(recent, device=chosen.device) + (chosen >= n_blocks - recent).long()   # [..., k'] in 0..k'
+    return prefix + slot[..., None] * block_size + torch.arange(block_size, device=chosen.device)
+
+
+def select_blocks(query: torch.Tensor, memory_keys: torch.Tensor, top_k: int, inv_freq: torch.Tensor,
+                  positions: torch.Tensor) -> torch.Tensor:
+    """Top-k memory blocks per query token and head by the landmark score q · R(positions[b])·k_landmark(b), re-sorted
+    by original block index; an exact tie goes to the more recent block. query [rows, H, Q, d] (rotated),
+    memory_keys [rows, H, n, B, d] (un-rotated), positions [n] (`scoring_positions`) -> [rows, H, Q, min(k, n)]."""
+    landmarks = rotate(memory_keys[..., -1, :], positions, inv_freq)           # [rows, H, n, d]
+    scores = query @ landmarks.transpose(-1, -2)                               # [rows, H, Q, n]
+    n_blocks = scores.shape[-1]
+    # a stable descending sort of the blocks from the most recent back: among equal scores the most recent comes first
+    newest_first = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices
+    chosen = n_blocks - 1 - newest_first[..., :min(top_k, n_blocks)]
+    return chosen.sort(dim=-1).values
+
+
 # --- memory -----------------------------------------------------------------------------------------------------
 class LandmarkMemory:
-    """Per-layer memory of complete blocks: un-rotated keys and values [rows, kv_heads, n_blocks, B, d]."""
+    """Per-layer memory: the complete blocks of closed windows, keys un-rotated and values
+    [rows, kv_heads, n_blocks, B, d], and the open window's keys (rotated at window_offset + t) and values
+    [rows, kv_heads, t, d]. `close_window` moves the open window into the memory."""
 
-    def __init__(self, block_size: int, top_k: int, inv_freq: torch.Tensor):
-        self.block_size, self.top_k, self.inv_freq = block_size, top_k, inv_freq
-        self.window_offset = top_k * block_size         # the window's first position (after the k retrieval slots)
+    def __init__(self, block_size: int, top_k: int, inv_freq: torch.Tensor, window: int):
+        self.block_size, self.top_k, self.inv_freq, self.window = block_size, top_k, inv_freq, window
+        self.window_offset = (top_k + 1) * block_size   # the window's first position (after k + 1 block slots)
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self.window_keys: dict[int, torch.Tensor] = {}
+        self.window_values: dict[int, torch.Tensor] = {}
         self.last_selection: dict[int, torch.Tensor] = {}  # layer -> [rows, heads, Q, k'] (for inspection/tests)
 
     def blocks(self, layer: int) -> int:
         return 0 if layer not in self.keys else self.keys[layer].shape[2]
 
-    def slot_positions(self, n_selected: int, device=None) -> torch.Tensor:
-        """[n_selected, B] re-assigned positions of the selected blocks: right-aligned in the k slots before the
-        window, i.e. slot s at (k - n_selected + s)·B + offset."""
-        first = self.top_k - n_selected
-        slots = torch.arange(first, self.top_k, device=device)[:, None] * self.block_size
-        return slots + torch.arange(self.block_size, device=device)[None, :]
+    def open_length(self) -> int:
+        """Tokens in the open window (the same in every layer)."""
+        return next(iter(self.window_keys.values())).shape[2] if self.window_keys else 0
+
+    def extend_window(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append a forward's keys and values to the open window of `layer`; returns the whole open window."""
+        if layer in self.window_keys:
+            keys = torch.cat((self.window_keys[layer], keys), dim=2)
+            values = torch.cat((self.window_values[layer], values), dim=2)
+        self.window_keys[layer], self.window_values[layer] = keys, values
+        return keys, values
+
+    def close_window(self) -> None:
+        """Move every layer's open window into the memory (its complete blocks, see `append`)."""
+        for layer in list(self.window_keys):
+            self.append(layer, self.window_keys.pop(layer), self.window_values.pop(layer))
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store the complete blocks of a window: `keys` rotated at window positions window_offset + t are
@@ -151,20 +214,10 @@ class LandmarkMemory:
         self.keys[layer], self.values[layer] = keys, values
 
 
-def select_blocks(query: torch.Tensor, memory_keys: torch.Tensor, top_k: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Top-k memory blocks per query token and head by the landmark score q · R(B - 1)·k_landmark (every landmark at
-    the same synthetic position), re-sorted by original block index. query [rows, H, Q, d] (rotated), memory_keys
-    [rows, H, n, B, d] (un-rotated) -> [rows, H, Q, min(k, n)] block indices."""
-    block_size = memory_keys.shape[-2]
-    landmarks = rotate(memory_keys[..., -1, :], torch.tensor([block_size - 1], device=query.device), inv_freq)
-    scores = query @ landmarks.transpose(-1, -2)                               # [rows, H, Q, n]
-    chosen = scores.topk(min(top_k, scores.shape[-1]), dim=-1).indices
-    return chosen.sort(dim=-1).values
-
-
 def memory_attention(query, key, value, memory: LandmarkMemory, layer: int, scaling: float) -> torch.Tensor:
-    """Landmark attention of one window with memory. query [rows, H, Q, d], key/value [rows, H, Q, d] (the window,
-    rotated at window_offset + t, kv heads already repeated). Returns [rows, H, Q, d]."""
+    """Landmark attention of the newest Q tokens of the open window, with memory. query [rows, H, Q, d]; key/value
+    [rows, H, K, d]: the open window so far, these tokens last (rotated at window_offset + t, kv heads already
+    repeated). Returns [rows, H, Q, d]."""
     window_logits = grouped_logits((query @ key.transpose(-1, -2)) * scaling, memory.block_size)
     n_blocks = memory.blocks(layer)
     if n_blocks == 0:
@@ -172,15 +225,14 @@ def memory_attention(query, key, value, memory: LandmarkMemory, layer: int, scal
     groups = query.shape[1] // memory.keys[layer].shape[1]
     mem_keys = _repeat_kv(memory.keys[layer], groups)                           # [rows, H, n, B, d]
     mem_values = _repeat_kv(memory.values[layer], groups)
-    chosen = select_blocks(query, mem_keys, memory.top_k, memory.inv_freq)      # [rows, H, Q, k']
+    scoring = scoring_positions(n_blocks, memory.top_k, memory.block_size, memory.window_offset, query.device)
+    chosen = select_blocks(query, mem_keys, memory.top_k, memory.inv_freq, scoring)   # [rows, H, Q, k']
     memory.last_selection[layer] = chosen
     rows = torch.arange(query.shape[0], device=query.device)[:, None, None, None]
     heads = torch.arange(query.shape[1], device=query.device)[None, :, None, None]
-    picked_keys = mem_keys[rows, heads, chosen]                                 # [rows, H, Q, k', B, d]
+    positions = slot_positions(chosen, n_blocks, memory.block_size, memory.window_offset)   # [rows, H, Q, k', B]
+    picked_keys = rotate(mem_keys[rows, heads, chosen], positions, memory.inv_freq)      # [rows, H, Q, k', B, d]
     picked_values = mem_values[rows, heads, chosen]
-    positions = memory.slot_positions(chosen.shape[-1], device=query.device)   # [k', B]
-    picked_keys = rotate(picked_keys.flatten(-3, -2), positions.flatten(), memory.inv_freq).unflatten(-2,
-                                                                                                   positions.shape)
     memory_logits = earlier_block_logits(torch.einsum("rhqd,rhqsbd->rhqsb", query, picked_keys) * scaling)
     weights = torch.softmax(torch.cat((memory_logits.flatten(-2), window_logits), dim=-1), dim=-1)
     n_memory = memory_logits.shape[-2] * memory_logits.shape[-1]
@@ -192,7 +244,8 @@ def landmark_attention_forward(module, query, key, value, attention_mask, scalin
                                landmark_memory: LandmarkMemory | None = None, **kwargs):
     """The `AttentionInterface` function: q/k arrive rotated, [rows, heads, Q, d]. Without `landmark_memory` it is
     the single-pass grouped softmax (training; the sequence starts at a block boundary, no cache, no padding:
-    causality comes from the block structure, the mask is not used). With it, one window of memory inference."""
+    causality comes from the block structure, the mask is not used). With it, the next tokens of the open window of
+    memory inference (their keys and values join the window)."""
     block_size = module.config.ctxext_attention["params"]["mem_freq"] + 1
     scaling = module.head_dim ** -0.5 if scaling is None else scaling
     groups = query.shape[1] // key.shape[1]
@@ -202,9 +255,9 @@ def landmark_attention_forward(module, query, key, value, attention_mask, scalin
             probs = torch.nn.functional.dropout(probs, p=dropout)
         out = probs @ _repeat_kv(value, groups)
     else:
+        key, value = landmark_memory.extend_window(module.layer_idx, key, value)
         out = memory_attention(query, _repeat_kv(key, groups), _repeat_kv(value, groups), landmark_memory,
                                module.layer_idx, scaling)
-        landmark_memory.append(module.layer_idx, key, value)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -282,25 +335,45 @@ class LandmarkAttention(AttentionMethod):
         labels = torch.cat((torch.full_like(target[:, :1], -100), target[:, :-1]), dim=1)
         return {"input_ids": ids, "labels": labels}
 
+    # --- inference ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _memory(model, params: dict) -> LandmarkMemory:
+        block, top_k = params["mem_freq"] + 1, params["top_k"]
+        inv_freq = model.get_decoder().rotary_emb.inv_freq
+        return LandmarkMemory(block, top_k, inv_freq, window_length(params["train_context"], block, top_k))
+
+    @staticmethod
+    def _feed(model, memory: LandmarkMemory, ids: torch.Tensor) -> torch.Tensor:
+        """Run the next tokens `ids` [rows, m] (landmarks inserted) through the decoder window by window, the memory
+        carried along (a window that fills up moves into it); returns their final hidden states [rows, m, hidden]."""
+        decoder, pieces, start = model.get_decoder(), [], 0
+        while start < ids.shape[1]:
+            open_length = memory.open_length()
+            piece = ids[:, start:start + memory.window - open_length]
+            positions = memory.window_offset + open_length + torch.arange(piece.shape[1], device=ids.device)
+            out = decoder(input_ids=piece, position_ids=positions.expand(piece.shape[0], -1), use_cache=False,
+                          landmark_memory=memory)
+            pieces.append(out.last_hidden_state)
+            if memory.open_length() == memory.window:
+                memory.close_window()
+            start += piece.shape[1]
+        return torch.cat(pieces, dim=1)
+
+    def _hidden(self, model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(final hidden states [rows, M] of the windowed inference over `input_ids` with landmarks inserted,
+        [N] index of each regular token in it, landmark id)."""
+        params, landmark_id = self._record(model)
+        ids, regular = insert_landmarks(input_ids, params["mem_freq"], landmark_id)
+        return self._feed(model, self._memory(model, params), ids), regular, landmark_id
+
     @torch.no_grad()
     def logits(self, model, input_ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits [rows, N, vocab without the landmark] at the regular tokens of `input_ids` [rows, N],
         computed window by window with memory carried across windows."""
-        params, landmark_id = self._record(model)
-        block, top_k = params["mem_freq"] + 1, params["top_k"]
-        window = window_length(params["train_context"], block, top_k)
-        ids, regular = insert_landmarks(input_ids, params["mem_freq"], landmark_id)
-        inv_freq = getattr(model, "model", model).rotary_emb.inv_freq
-        memory = LandmarkMemory(block, top_k, inv_freq)
-        pieces = []
-        for start in range(0, ids.shape[1], window):
-            chunk = ids[:, start:start + window]
-            positions = memory.window_offset + torch.arange(chunk.shape[1], device=ids.device)
-            out = model(input_ids=chunk, position_ids=positions.expand(chunk.shape[0], -1), use_cache=False,
-                        landmark_memory=memory)
-            pieces.append(out.logits[..., :landmark_id])
-        return torch.cat(pieces, dim=1)[:, regular]
+        hidden, sources, landmark_id = self._hidden(model, input_ids)
+        return model.get_output_embeddings()(hidden[:, sources])[..., :landmark_id]
 
+    @torch.no_grad()
     def single_pass_logits(self, model, input_ids: torch.Tensor) -> torch.Tensor:
         """Like `logits` but in one forward pass without memory (the training-time computation)."""
         params, landmark_id = self._record(model)
