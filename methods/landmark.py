@@ -28,10 +28,14 @@
   Every relative distance is therefore at most (k + 1)·B + W - 1 = T - (T mod B) - 1 <= T - 1. When the memory holds
   at most k blocks, every block is retrieved at its true relative distance, so the result equals one single pass
   (tested).
-- Everything reported to the user is at regular tokens: `logits` drops the landmark positions (the prediction of
-  the token after a landmark comes from the regular token before it) and the landmark column of the vocabulary;
-  the fine-tuning loss (`training_inputs`) excludes the landmark positions.
-
+- Objective (`landmark_in_loss`, default True, LCEG's `include_landmark_in_loss=True`): the fine-tuning loss is the
+  ordinary next-token loss over the sequence with landmarks inserted, so the regular token before a landmark is
+  trained to predict the landmark and the landmark to predict the next regular token. The prediction of a regular
+  token that follows a landmark is then read at the landmark (as the official generation does when
+  include_landmark_in_loss is set). With False (the official flash-path objective): every regular token predicts
+  the next regular token and the landmark positions are out of the loss.
+- Everything reported to the user is at regular tokens: `logits` gives, for every regular token, the output that
+  predicts the next regular token (see the objective) without the landmark column of the vocabulary.
 Registered with transformers' `AttentionInterface` as `ctxext_landmark`; the model's own decoder layers run
 unchanged and the memory travels to the attention function as the `landmark_memory` keyword.
 """
@@ -58,6 +62,17 @@ def insert_landmarks(input_ids: torch.Tensor, mem_freq: int, landmark_id: int) -
     out = torch.full((rows, total), landmark_id, dtype=input_ids.dtype, device=input_ids.device)
     out[:, regular] = input_ids
     return out, regular
+
+
+def source_positions(n: int, mem_freq: int, landmark_in_loss: bool, device=None) -> torch.Tensor:
+    """[n] index, in the sequence with landmarks inserted (`insert_landmarks`), of the output that predicts the regular
+    token after regular token i: the token itself, or, with `landmark_in_loss`, the landmark that follows it when it
+    completes a block (that landmark is trained to predict the next regular token)."""
+    i = torch.arange(n, device=device)
+    positions = i + i // mem_freq
+    if landmark_in_loss:
+        positions = positions + ((i + 1) % mem_freq == 0).long()
+    return positions
 
 
 def window_length(train_context: int, block_size: int, top_k: int) -> int:
@@ -275,13 +290,16 @@ class LandmarkAttention(AttentionMethod):
     regimes = ("finetuned",)
 
     def _defaults(self, base_window: int, train_len: int, regime: str) -> dict:
-        # LCEG: mem_freq 63 (block 64), top_k 5; the training context is the length the cell is fine-tuned at
-        # (the base window in the paper's cell, train_len: base).
-        return {"mem_freq": 63, "top_k": 5, "train_context": int(train_len)}
+        # LCEG: mem_freq 63 (block 64), top_k 5, include_landmark_in_loss=True; the training context is the length
+        # the cell is fine-tuned at (the base window in the paper's cell, train_len: base).
+        return {"mem_freq": 63, "top_k": 5, "train_context": int(train_len), "landmark_in_loss": True}
 
     def _validate(self, params: dict, base_window: int, train_len: int) -> dict:
         for name in ("mem_freq", "top_k", "train_context"):
             _positive_int(params, name)
+        if not isinstance(params["landmark_in_loss"], bool):
+            raise ValueError(f"landmark parameter landmark_in_loss must be true or false, got "
+                             f"{params['landmark_in_loss']!r}")
         block = params["mem_freq"] + 1
         window = window_length(params["train_context"], block, params["top_k"])
         if window < block:
@@ -323,13 +341,22 @@ class LandmarkAttention(AttentionMethod):
         record = getattr(model.config, "ctxext_attention", None)
         if not record or record.get("attention") != "landmark" or "landmark_id" not in record:
             raise ValueError("the model has no landmark attention applied (config.ctxext_attention)")
-        return record["params"], record["landmark_id"]
+        # checkpoints written before the switch existed trained without the landmarks in the loss
+        return {"landmark_in_loss": False, **record["params"]}, record["landmark_id"]
 
     def training_inputs(self, model, batch: torch.Tensor) -> dict:
-        """Landmarks inserted; labels such that every regular token predicts the next regular token and the
-        landmark positions are out of the loss (HF shifts labels by one: logits[p] is scored against labels[p+1])."""
+        """Landmarks inserted. With `landmark_in_loss` (LCEG) the labels are the inserted sequence itself: every
+        position predicts the next token, landmarks included (a landmark at the very end of a row, which LCEG's rows
+        never have, is no target). Without, every regular token predicts the next regular token and the landmark
+        positions are out of the loss. (HF shifts labels by one: logits[p] is scored against labels[p+1].)"""
         params, landmark_id = self._record(model)
-        ids, regular = insert_landmarks(batch, params["mem_freq"], landmark_id)
+        mem_freq = params["mem_freq"]
+        ids, regular = insert_landmarks(batch, mem_freq, landmark_id)
+        if params["landmark_in_loss"]:
+            labels = ids.clone()
+            if batch.shape[1] % mem_freq == 0:
+                labels[:, -1] = -100
+            return {"input_ids": ids, "labels": labels}
         target = torch.full_like(ids, -100)
         target[:, regular[:-1]] = batch[:, 1:]
         labels = torch.cat((torch.full_like(target[:, :1], -100), target[:, :-1]), dim=1)
@@ -361,10 +388,13 @@ class LandmarkAttention(AttentionMethod):
 
     def _hidden(self, model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(final hidden states [rows, M] of the windowed inference over `input_ids` with landmarks inserted,
-        [N] index of each regular token in it, landmark id)."""
+        [N] index of the output that predicts the token after each regular token, landmark id)."""
         params, landmark_id = self._record(model)
-        ids, regular = insert_landmarks(input_ids, params["mem_freq"], landmark_id)
-        return self._feed(model, self._memory(model, params), ids), regular, landmark_id
+        ids, _ = insert_landmarks(input_ids, params["mem_freq"], landmark_id)
+        hidden = self._feed(model, self._memory(model, params), ids)
+        sources = source_positions(input_ids.shape[1], params["mem_freq"], params["landmark_in_loss"],
+                                   input_ids.device)
+        return hidden, sources, landmark_id
 
     @torch.no_grad()
     def logits(self, model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -377,8 +407,10 @@ class LandmarkAttention(AttentionMethod):
     def single_pass_logits(self, model, input_ids: torch.Tensor) -> torch.Tensor:
         """Like `logits` but in one forward pass without memory (the training-time computation)."""
         params, landmark_id = self._record(model)
-        ids, regular = insert_landmarks(input_ids, params["mem_freq"], landmark_id)
-        return model(input_ids=ids, use_cache=False).logits[:, regular, :landmark_id]
+        ids, _ = insert_landmarks(input_ids, params["mem_freq"], landmark_id)
+        sources = source_positions(input_ids.shape[1], params["mem_freq"], params["landmark_in_loss"],
+                                   input_ids.device)
+        return model(input_ids=ids, use_cache=False).logits[:, sources, :landmark_id]
 
 
 METHOD = LandmarkAttention()

@@ -1,7 +1,7 @@
 """Landmark attention (methods/landmark.py): grouped softmax against a naive reference, retrieval, the official
 code's memory positions (scoring and placement) against numbers from its index formulas, memory inference against
-a single pass and against a naive model-level implementation of the official algorithm, fine-tuning inputs,
-checkpoint reload."""
+a single pass and against a naive model-level implementation of the official algorithm, both fine-tuning
+objectives, checkpoint reload."""
 from __future__ import annotations
 
 import math
@@ -257,8 +257,8 @@ def _model(heads=4, kv_heads=2, vocab=40, tie=True, seed=0, layers=2, **config):
 PARAMS = {"mem_freq": 3, "top_k": 6, "train_context": 40}
 
 
-def _landmark_model(params=PARAMS, zero_landmark=False, **kw):
-    model = get_method("landmark").apply(_model(**kw), 40, 40, "finetuned", **params)
+def _landmark_model(in_loss=True, params=PARAMS, zero_landmark=False, **kw):
+    model = get_method("landmark").apply(_model(**kw), 40, 40, "finetuned", **params, landmark_in_loss=in_loss)
     if zero_landmark:   # its layer-0 keys are then exactly 0: the ties of layer 0 are exact (see _official_logits)
         with torch.no_grad():
             model.get_input_embeddings().weight[model.config.ctxext_attention["landmark_id"]] = 0.0
@@ -278,15 +278,16 @@ def test_apply_adds_mean_initialised_landmark_row_and_records_it():
     mean_out = model.get_output_embeddings().weight.detach().mean(0).clone()
     get_method("landmark").apply(model, 40, 40, "finetuned", **PARAMS)
     record = model.config.ctxext_attention
-    assert record["landmark_id"] == 40 and record["params"] == PARAMS and model.config.vocab_size == 41
+    assert record["landmark_id"] == 40 and model.config.vocab_size == 41
+    assert record["params"] == {**PARAMS, "landmark_in_loss": True}     # LCEG's objective by default
     torch.testing.assert_close(model.get_input_embeddings().weight[40].detach(), mean_in)
     torch.testing.assert_close(model.get_output_embeddings().weight[40].detach(), mean_out)
     assert attention_of(model).name == "landmark"
 
 
-@pytest.mark.parametrize("tie", [True, False])
-def test_memory_inference_equals_single_pass_on_short_inputs(tie):
-    model = _landmark_model(tie=tie)
+@pytest.mark.parametrize("tie,in_loss", [(True, True), (False, True), (True, False)])
+def test_memory_inference_equals_single_pass_on_short_inputs(tie, in_loss):
+    model = _landmark_model(in_loss, tie=tie)
     method = attention_of(model)
     torch.manual_seed(3)
     ids = torch.randint(0, 40, (2, 26))         # 26 regular + 8 landmarks = 34 tokens: windows of 12, 12, 10
@@ -296,9 +297,11 @@ def test_memory_inference_equals_single_pass_on_short_inputs(tie):
     memory = method.logits(model, ids)
     assert memory.shape == (2, 26, 40)            # regular positions only, landmark column dropped
     torch.testing.assert_close(memory, single, rtol=1e-4, atol=1e-4)
-    # the output of each regular token predicts the next regular token; regular token i sits at i + i // 3
+    # which output predicts the next regular token: the regular token's own, or (LCEG's objective) the landmark's
+    # after a block's last regular token; regular token i sits at i + i // 3
     for i in range(26):
-        torch.testing.assert_close(memory[:, i], full[:, i + i // 3], rtol=1e-4, atol=1e-4)
+        source = i + i // 3 + (1 if in_loss and i % 3 == 2 else 0)
+        torch.testing.assert_close(memory[:, i], full[:, source], rtol=1e-4, atol=1e-4)
     # the perplexity of both computations
     loss = lambda lg: torch.nn.functional.cross_entropy(lg[:, :-1].transpose(1, 2), ids[:, 1:])
     assert math.isclose(loss(memory).item(), loss(single).item(), rel_tol=1e-5)
@@ -408,18 +411,39 @@ def test_memory_inference_equals_a_naive_implementation_of_the_official_algorith
         # same, so the older blocks tie; a zero landmark row makes those keys exactly 0 in every forward (no rounding
         # difference between forwards of different lengths), and the tie rule decides, as in the reference
         params, n, layers, zero = {"mem_freq": 3, "top_k": 2, "train_context": 24}, 60, 3, True
-    model = _landmark_model(params, zero_landmark=zero, layers=layers, seed=7, tie=False,
-                            initializer_range=0.2)   # peaked attention: retrieval decides
-    torch.manual_seed(11)
-    ids = torch.randint(0, 40, (1, n))
-    got = attention_of(model).logits(model, ids)
-    tokens, regular = insert_landmarks(ids, 3, 40)
-    want = _official_logits(model, tokens[0], 4, params["top_k"], 24)
-    torch.testing.assert_close(got[0].double(), want[regular, :40], rtol=1e-4, atol=1e-4)
+    for in_loss in (True, False):
+        model = _landmark_model(in_loss, params, zero_landmark=zero, layers=layers, seed=7, tie=False,
+                                initializer_range=0.2)   # peaked attention: retrieval decides
+        torch.manual_seed(11)
+        ids = torch.randint(0, 40, (1, n))
+        got = attention_of(model).logits(model, ids)
+        tokens, _ = insert_landmarks(ids, 3, 40)
+        want = _official_logits(model, tokens[0], 4, params["top_k"], 24)
+        sources = [i + i // 3 + (1 if in_loss and i % 3 == 2 else 0) for i in range(n)]
+        torch.testing.assert_close(got[0].double(), want[sources, :40], rtol=1e-4, atol=1e-4)
 
 
-def test_training_inputs_exclude_landmarks_from_the_loss():
-    model = _landmark_model()
+# --- objectives ---------------------------------------------------------------------------------------------------
+def test_training_inputs_with_the_landmarks_in_the_loss():
+    model = _landmark_model(True)
+    batch = torch.randint(0, 40, (2, 10))
+    inputs = attention_of(model).training_inputs(model, batch)
+    ids, labels = inputs["input_ids"], inputs["labels"]
+    assert ids.shape == (2, 13) and torch.equal(labels, ids)       # LCEG: labels = the inserted sequence
+    loss = model(**inputs).loss
+    with torch.no_grad():    # every position predicts the next token of the inserted sequence, landmarks included
+        logits = model(input_ids=ids).logits
+    manual = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:])
+    assert math.isclose(loss.item(), manual.item(), rel_tol=1e-5)
+    loss.backward()
+    assert torch.isfinite(loss) and model.get_input_embeddings().weight.grad[40].abs().sum() > 0
+    # a row of 9 = 3·3 tokens ends with a landmark, which LCEG's rows never have: no target there
+    labels = attention_of(model).training_inputs(model, batch[:, :9])["labels"]
+    assert labels.shape == (2, 12) and (labels[:, -1] == -100).all() and (labels[:, :-1] != -100).all()
+
+
+def test_training_inputs_with_the_landmarks_out_of_the_loss():
+    model = _landmark_model(False)
     batch = torch.randint(0, 40, (2, 10))
     inputs = attention_of(model).training_inputs(model, batch)
     ids, labels = inputs["input_ids"], inputs["labels"]
@@ -447,17 +471,28 @@ def test_checkpoint_reload_gives_the_same_logits(tmp_path):
     torch.testing.assert_close(attention_of(loaded).logits(loaded, ids), before)
 
 
+def test_checkpoints_from_before_the_switch_read_as_landmarks_out_of_the_loss():
+    model = _landmark_model(False)
+    ids = torch.randint(0, 40, (1, 20))
+    want = attention_of(model).logits(model, ids)
+    del model.config.ctxext_attention["params"]["landmark_in_loss"]
+    torch.testing.assert_close(attention_of(model).logits(model, ids), want)
+
+
 def test_bad_parameters_fail_clearly():
     method = get_method("landmark")
     with pytest.raises(ValueError, match="mem_freq"):
         method.resolve(256, 256, "finetuned", mem_freq=0)
     with pytest.raises(ValueError, match="top_k"):
         method.resolve(256, 256, "finetuned", top_k=2.5)
+    with pytest.raises(ValueError, match="landmark_in_loss"):
+        method.resolve(256, 256, "finetuned", mem_freq=31, landmark_in_loss=1)
     with pytest.raises(ValueError, match="mem_freq=63"):
         method.resolve(256, 256, "finetuned")        # (5 + 2) blocks of 64 do not fit a 256 context
     with pytest.raises(ValueError, match="regime"):
         method.resolve(256, 256, "frozen", mem_freq=31)
     with pytest.raises(ValueError, match="unknown parameter"):
         method.resolve(256, 256, "finetuned", mem_freq=31, block=3)
-    assert method.resolve(256, 256, "finetuned", mem_freq=31) == {"mem_freq": 31, "top_k": 5,
-                                                                  "train_context": 256}
+    assert method.resolve(256, 256, "finetuned", mem_freq=31) == {"mem_freq": 31, "top_k": 5, "train_context": 256,
+                                                                  "landmark_in_loss": True}
+    assert method.resolve(256, 256, "finetuned", mem_freq=31, landmark_in_loss=False)["landmark_in_loss"] is False
