@@ -8,7 +8,7 @@
   probability is shared among the block's regular tokens by a softmax within the block. Landmarks get zero weight
   on the values. This equals one ordinary softmax over modified logits (`grouped_logits`): for a regular key j of
   an earlier block g, s_j - logsumexp_{regular j' in g}(s_j') + s_landmark(g).
-- Inference with memory (`logits`): the sequence (landmarks inserted) is
+- Inference with memory (`logits`, `answer_logits`, `greedy_generate`): the sequence (landmarks inserted) is
   processed in block-aligned windows of W = T - (T mod B) - (k + 1)·B tokens (T = training context, k = top_k), as
   the official code chunks it. Each layer keeps the keys (un-rotated, i.e. pre-RoPE) and values of all complete
   blocks of earlier windows. Positions are the official code's (`llama_mem.py`, `LlamaAttention.forward`: the
@@ -36,6 +36,12 @@
   the next regular token and the landmark positions are out of the loss.
 - Everything reported to the user is at regular tokens: `logits` gives, for every regular token, the output that
   predicts the next regular token (see the objective) without the landmark column of the vocabulary.
+- Generation (`greedy_generate`): the windows' keys and values are cached, so each new token costs one window's
+  attention plus the retrieval; a landmark is fed right after the token that completes a block, exactly where the
+  windowed inference of the longer sequence would have it, and a window that fills up moves into the memory. The
+  result equals greedy decoding by full recomputation with `logits` (tested). (The official generation instead
+  retrieves, for every new token, from all complete blocks before its own block.)
+
 Registered with transformers' `AttentionInterface` as `ctxext_landmark`; the model's own decoder layers run
 unchanged and the memory travels to the attention function as the `landmark_memory` keyword.
 """
@@ -402,6 +408,43 @@ class LandmarkAttention(AttentionMethod):
         computed window by window with memory carried across windows."""
         hidden, sources, landmark_id = self._hidden(model, input_ids)
         return model.get_output_embeddings()(hidden[:, sources])[..., :landmark_id]
+
+    @torch.no_grad()
+    def answer_logits(self, model, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [rows, k, vocab without the landmark] after the regular tokens `positions` [rows, k] of
+        `input_ids` [rows, N], as `logits` gives them there; the output layer runs on those k hidden states only."""
+        hidden, sources, landmark_id = self._hidden(model, input_ids)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
+        return model.get_output_embeddings()(hidden[rows, sources[positions]])[..., :landmark_id]
+
+    @torch.no_grad()
+    def greedy_generate(self, model, input_ids: torch.Tensor, max_new_tokens: int, stop=None) -> torch.Tensor:
+        """Greedy continuation [rows, m] of `input_ids` [rows, N] (m = max_new_tokens, fewer when every row has stopped
+        earlier): the windowed inference with its memory and open window cached, one forward per new token (two when
+        it completes a block: the token and its landmark). `stop(generated [rows, k]) -> BoolTensor[rows]` is called
+        after every step; generation ends when it is true for every row. The landmark column is never chosen."""
+        if not isinstance(max_new_tokens, Integral) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        params, landmark_id = self._record(model)
+        mem_freq, in_loss = params["mem_freq"], params["landmark_in_loss"]
+        rows, n = input_ids.shape
+        if max_new_tokens == 0:
+            return input_ids.new_empty((rows, 0))
+        memory = self._memory(model, params)
+        ids, _ = insert_landmarks(input_ids, mem_freq, landmark_id)
+        last = self._feed(model, memory, ids)[:, int(source_positions(n, mem_freq, in_loss)[-1])]
+        head, generated = model.get_output_embeddings(), input_ids.new_empty((rows, 0))
+        for step in range(max_new_tokens):
+            token = head(last)[..., :landmark_id].argmax(dim=-1)
+            generated = torch.cat((generated, token[:, None]), dim=1)
+            stopped = stop is not None and bool(torch.as_tensor(stop(generated)).all())
+            if stopped or step + 1 == max_new_tokens:
+                break
+            completes = (n + step + 1) % mem_freq == 0
+            feed = token[:, None] if not completes else torch.stack((token, torch.full_like(token, landmark_id)), 1)
+            hidden = self._feed(model, memory, feed)
+            last = hidden[:, -1] if completes and in_loss else hidden[:, 0]
+        return generated
 
     @torch.no_grad()
     def single_pass_logits(self, model, input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Landmark attention (methods/landmark.py): grouped softmax against a naive reference, retrieval, the official
 code's memory positions (scoring and placement) against numbers from its index formulas, memory inference against
 a single pass and against a naive model-level implementation of the official algorithm, both fine-tuning
-objectives, checkpoint reload."""
+objectives, cached greedy generation against full recomputation, answer logits, checkpoint reload."""
 from __future__ import annotations
 
 import math
@@ -458,6 +458,52 @@ def test_training_inputs_with_the_landmarks_out_of_the_loss():
     assert torch.isfinite(loss) and model.get_input_embeddings().weight.grad[40].abs().sum() > 0
 
 
+# --- generation and answer logits ---------------------------------------------------------------------------------
+GEN_PARAMS = {"mem_freq": 3, "top_k": 2, "train_context": 24}   # B = 4, windows of 12 tokens = 9 regular
+
+
+@pytest.mark.parametrize("in_loss", [True, False])
+def test_cached_greedy_generation_equals_full_recomputation(in_loss):
+    model = _landmark_model(in_loss, GEN_PARAMS, zero_landmark=True, layers=3, seed=3, tie=False,
+                            initializer_range=0.2)
+    method = attention_of(model)
+    torch.manual_seed(6)
+    # 39 regular tokens + 13 landmarks = 52: four full windows (12 memory blocks > k) and an open one of 4 tokens;
+    # 23 new tokens: the prompt ends with a landmark (39 = 13·3), 7 more are fed, and the window boundaries at 60 and
+    # 72 are crossed (windows 4 -> 5 -> 6)
+    prompt = torch.randint(0, 40, (2, 39))
+    got = method.greedy_generate(model, prompt, 23)
+    seq = prompt
+    for _ in range(23):                          # full recomputation: windowed inference of the whole sequence
+        seq = torch.cat((seq, method.logits(model, seq)[:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert got.shape == (2, 23) and got.dtype == torch.long
+    assert got.tolist() == seq[:, 39:].tolist()
+    assert min(len(set(row)) for row in got.tolist()) > 5     # not a degenerate constant continuation
+    # stopping: after every step; the end comes when every row has stopped
+    calls = []
+    stop = lambda g: calls.append(g.shape[1]) or torch.tensor([g.shape[1] >= 4, g.shape[1] >= 6])
+    assert method.greedy_generate(model, prompt, 23, stop=stop).tolist() == got[:, :6].tolist()
+    assert calls == [1, 2, 3, 4, 5, 6]
+    assert method.greedy_generate(model, prompt, 0).shape == (2, 0)
+
+
+def test_answer_logits_equal_logits_at_those_positions_and_run_the_output_layer_there_only():
+    model = _landmark_model(True, GEN_PARAMS, layers=2)
+    method = attention_of(model)
+    torch.manual_seed(8)
+    ids = torch.randint(0, 40, (2, 50))
+    positions = torch.tensor([[49, 2, 30, 8], [0, 44, 45, 47]])   # 2, 8, 44 and 47 are the last of their blocks
+    full = method.logits(model, ids)
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    try:
+        got = method.answer_logits(model, ids, positions)
+    finally:
+        hook.remove()
+    assert got.shape == (2, 4, 40) and seen == [torch.Size([2, 4, 32])]
+    torch.testing.assert_close(got, full[torch.arange(2)[:, None], positions], rtol=1e-5, atol=1e-6)
+
+
 # --- checkpoints and parameters -----------------------------------------------------------------------------------
 def test_checkpoint_reload_gives_the_same_logits(tmp_path):
     from transformers import AutoModelForCausalLM
@@ -496,3 +542,5 @@ def test_bad_parameters_fail_clearly():
     assert method.resolve(256, 256, "finetuned", mem_freq=31) == {"mem_freq": 31, "top_k": 5, "train_context": 256,
                                                                   "landmark_in_loss": True}
     assert method.resolve(256, 256, "finetuned", mem_freq=31, landmark_in_loss=False)["landmark_in_loss"] is False
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        method.greedy_generate(_landmark_model(), torch.zeros(1, 3, dtype=torch.long), -1)
