@@ -479,11 +479,15 @@ def test_cached_greedy_generation_equals_full_recomputation(in_loss):
     assert got.shape == (2, 23) and got.dtype == torch.long
     assert got.tolist() == seq[:, 39:].tolist()
     assert min(len(set(row)) for row in got.tolist()) > 5     # not a degenerate constant continuation
-    # stopping: after every step; the end comes when every row has stopped
+    # stopping: called after every step; the end comes when every row has stopped; a stopped row's later positions
+    # hold pad_id, or its last token
     calls = []
     stop = lambda g: calls.append(g.shape[1]) or torch.tensor([g.shape[1] >= 4, g.shape[1] >= 6])
-    assert method.greedy_generate(model, prompt, 23, stop=stop).tolist() == got[:, :6].tolist()
+    stopped = method.greedy_generate(model, prompt, 23, stop=stop)
     assert calls == [1, 2, 3, 4, 5, 6]
+    assert stopped.tolist() == [got[0, :4].tolist() + [int(got[0, 3])] * 19, got[1, :6].tolist() + [int(got[1, 5])] * 17]
+    padded = method.greedy_generate(model, prompt, 23, stop=stop, pad_id=-1)
+    assert padded.tolist() == [got[0, :4].tolist() + [-1] * 19, got[1, :6].tolist() + [-1] * 17]
     assert method.greedy_generate(model, prompt, 0).shape == (2, 0)
 
 
@@ -500,8 +504,11 @@ def test_answer_logits_equal_logits_at_those_positions_and_run_the_output_layer_
         got = method.answer_logits(model, ids, positions)
     finally:
         hook.remove()
-    assert got.shape == (2, 4, 40) and seen == [torch.Size([2, 4, 32])]
+    assert got.shape == (2, 4, 40) and got.dtype == torch.float32 and seen == [torch.Size([2, 4, 32])]
     torch.testing.assert_close(got, full[torch.arange(2)[:, None], positions], rtol=1e-5, atol=1e-6)
+    for bad in (torch.tensor([[50]]).expand(2, 1), torch.tensor([[-1]]).expand(2, 1), torch.tensor([1, 2])):
+        with pytest.raises(ValueError, match="positions"):
+            method.answer_logits(model, ids, bad)
 
 
 # --- checkpoints and parameters -----------------------------------------------------------------------------------
