@@ -1,11 +1,19 @@
 """`clex`: CLEX (Chen et al. 2023, ICLR 2024; docs/methods.md §5), continuous length extrapolation with a learned
 neural-ODE frequency basis.
 
-- The ODE. z(t) = log theta(t) in R^(d/2), z(1) = log theta (the original RoPE); for t >= 1
-  dz/dt = act((z + xi(t)) W_up) W_down + xi'(t), with the NTK time embedding xi_i(t) = -(2i/d) ln b
-  - (2i/(d-2)) ln(2t - 1). W_down starts at zero, so an untrained CLEX is NTK-aware with alpha = 2t - 1.
-  One `CLEXODE` module (p*d^2 parameters, p = param_factor) is shared by all layers and heads. It is solved with
-  torchdiffeq's fixed-step `rk4` (the 3/8 rule) with step `time_dt`, in float32.
+- The ODE. z(t) = log theta(t) in R^(d/2), z(1) = log theta (the original RoPE, the model's base b); for t >= 1
+  dz/dt = act((z + xi(t)) W_up) W_down + xi'(t), with the NTK time embedding xi_i(t) = -(2i/d) ln 10000
+  - (2i/(d-2)) ln(2t - 1). W_down starts at zero, so an untrained CLEX is NTK-aware with alpha = 2t - 1 on the
+  model's base (xi' does not depend on the base). One `CLEXODE` module (p*d^2 parameters, p = param_factor) is
+  shared by all layers and heads. It is solved with torchdiffeq's fixed-step `rk4` (the 3/8 rule) with step
+  `time_dt`, in float32.
+- The time embedding's base is the official code's fixed 10000 (`TIME_EMBEDDING_BASE`; `clex_layer.py`'s
+  `get_time_embedding(t, base=10000)` is never given the model's base, also not in the released CLEX-Mixtral,
+  rope_theta 1e6), not the model's base b, which the paper's notation suggests. Both are the same at b = 1e4
+  (LLaMA-2: every CLEX run of the paper and of LCEG, and the micro and tiny studies). At b = 1e5 (SmolLM2, d = 64)
+  the two forms move theta(t) apart once W_down is non-zero: with W_down ~ N(0, 0.001) up to 0.5-1 % at t = 2,
+  4-7 % over t <= 8 and 8-15 % over t <= 16 (ten seeds); with the ODE weights the micro study's CLEX cells learned
+  (d = 16) transplanted to b = 1e5, up to 13 % (max_factor 8) and 18 % (max_factor 16). Untrained, both are NTK.
 - Training (the rotary module in training mode): every forward draws an integer t uniformly from 1..max_factor
   and gives the T tokens sorted, random, fractional positions over [0, L*t): 0, (u_1 + 1)/k, ..., (u_{T-2} + 1)/k,
   (T*t - 1)/k with k = T/L and u distinct integers drawn from 0..T*t - 3. The incoming position ids are ignored
@@ -47,6 +55,7 @@ PREFIX = "model.rotary_emb.ode."  # state-dict prefix of the ODE weights in a Ll
 _HOOK_ATTRS = ("_ctxext_clex_pre_hook", "_ctxext_clex_post_hook")
 _CACHE_ATTR = "_ctxext_clex_t"  # on a transformers Cache: the t its keys and values were computed with
 _IDS_ATTR = "_ctxext_clex_ids"  # on a transformers Cache: the token ids it holds
+TIME_EMBEDDING_BASE = 10000.0   # the NTK time embedding's base, fixed as in the official code (see above)
 
 
 # --- scales and positions -------------------------------------------------------------------------------------
@@ -82,16 +91,17 @@ class CLEXODE(nn.Module):
         self.w_down = nn.Parameter(torch.zeros(param_factor * head_dim, head_dim // 2))
         nn.init.kaiming_uniform_(self.w_up, a=math.sqrt(5))
         i = torch.arange(head_dim // 2, dtype=torch.float64)  # float64 here, cast to the solver's dtype when used
-        self.register_buffer("_log_theta", -(2 * i / head_dim) * math.log(base), persistent=False)
+        self.register_buffer("_log_theta", -(2 * i / head_dim) * math.log(base), persistent=False)   # z(1)
+        self.register_buffer("_time_log_theta", -(2 * i / head_dim) * math.log(TIME_EMBEDDING_BASE), persistent=False)
         self.register_buffer("_ntk_slope", -(2 * i / (head_dim - 2)), persistent=False)
 
     def time_embedding(self, t: torch.Tensor, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        """(xi(t), xi'(t)): the log NTK-aware frequencies with alpha = 2t - 1 (alpha = 1 below t = 1) and their
-        derivative in t."""
+        """(xi(t), xi'(t)): the log NTK-aware frequencies of base TIME_EMBEDDING_BASE with alpha = 2t - 1 (alpha = 1
+        below t = 1) and their derivative in t (the same for every base)."""
         t = t.to(dtype)
         alpha = torch.clamp(2 * t - 1, min=1.0)
         d_log_alpha = torch.where(t >= 1, 2 / alpha, torch.zeros_like(alpha))
-        log_theta, slope = self._log_theta.to(dtype), self._ntk_slope.to(dtype)
+        log_theta, slope = self._time_log_theta.to(dtype), self._ntk_slope.to(dtype)
         return log_theta + slope * torch.log(alpha), slope * d_log_alpha
 
     def forward(self, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

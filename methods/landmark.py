@@ -8,18 +8,39 @@
   probability is shared among the block's regular tokens by a softmax within the block. Landmarks get zero weight
   on the values. This equals one ordinary softmax over modified logits (`grouped_logits`): for a regular key j of
   an earlier block g, s_j - logsumexp_{regular j' in g}(s_j') + s_landmark(g).
-- Inference with memory (`logits`): the sequence (landmarks inserted) is processed in block-aligned windows of
-  W = T - (T mod B) - (k + 1)·B tokens (T = training context, k = top_k). Each layer keeps the keys (un-rotated,
-  i.e. pre-RoPE) and values of all complete blocks of earlier windows. Every query token and head scores every
-  memory block by q · (its landmark key, rotated at the common synthetic position B - 1), keeps the top k blocks
-  (re-sorted by original index) and sees them at re-assigned contiguous positions: right-aligned in the k block
-  slots [0, k·B) just before the window, which sits at positions k·B + t. Every relative distance is therefore at
-  most k·B + W - 1 <= T - B - 1. The grouped softmax spans the retrieved blocks and the window. When the memory
-  holds at most k blocks, every block is retrieved at its true relative distance, so the result equals one
-  single pass (tested).
-- Everything reported to the user is at regular tokens: `logits` drops the landmark positions (the prediction of
-  the token after a landmark comes from the regular token before it) and the landmark column of the vocabulary;
-  the fine-tuning loss (`training_inputs`) excludes the landmark positions.
+- Inference with memory (`logits`, `answer_logits`, `greedy_generate`): the sequence (landmarks inserted) is
+  processed in block-aligned windows of W = T - (T mod B) - (k + 1)·B tokens (T = training context, k = top_k), as
+  the official code chunks it. Each layer keeps the keys (un-rotated, i.e. pre-RoPE) and values of all complete
+  blocks of earlier windows. Positions are the official code's (`llama_mem.py`, `LlamaAttention.forward`: the
+  `mem_indices`/`mem_pos` statements for scoring, the `selected_indices` ones for placement; l.361-365 and l.386-388
+  as the fidelity issue counts them), written relative to the window, which sits at (k + 1)·B + t; the n memory
+  blocks end just before it. With k' = min(k, n) and
+  prefix = (k + 1)·B - (k' + 1)·B (0 once n >= k):
+  * scoring (`scoring_positions`): every query token and head scores every memory block by q · R(p)·k_landmark,
+    the k' most recent landmarks at their true positions and every older one at the single position
+    prefix + B - 1, just beyond them (one block further than the oldest of the k' recent ones);
+  * selection (`select_blocks`): the top k' blocks per token and head, re-sorted by original index (an exact tie,
+    e.g. between the older blocks of layer 0, whose landmark keys are all equal, goes to the more recent block; the
+    official code leaves ties to torch.topk; keys computed in forwards of different lengths can differ in the last
+    bit, and then rounding, not the rule, orders such blocks);
+  * placement (`slot_positions`): the chosen block in sorted place s sits at prefix + s·B + j, one block further
+    right (+ B) when it is among the k' most recent: k' + 1 block slots before the window.
+  Every relative distance is therefore at most (k + 1)·B + W - 1 = T - (T mod B) - 1 <= T - 1. When the memory holds
+  at most k blocks, every block is retrieved at its true relative distance, so the result equals one single pass
+  (tested).
+- Objective (`landmark_in_loss`, default True, LCEG's `include_landmark_in_loss=True`): the fine-tuning loss is the
+  ordinary next-token loss over the sequence with landmarks inserted, so the regular token before a landmark is
+  trained to predict the landmark and the landmark to predict the next regular token. The prediction of a regular
+  token that follows a landmark is then read at the landmark (as the official generation does when
+  include_landmark_in_loss is set). With False (the official flash-path objective): every regular token predicts
+  the next regular token and the landmark positions are out of the loss.
+- Everything reported to the user is at regular tokens: `logits` gives, for every regular token, the output that
+  predicts the next regular token (see the objective) without the landmark column of the vocabulary.
+- Generation (`greedy_generate`): the windows' keys and values are cached, so each new token costs one window's
+  attention plus the retrieval; a landmark is fed right after the token that completes a block, exactly where the
+  windowed inference of the longer sequence would have it, and a window that fills up moves into the memory. The
+  result equals greedy decoding by full recomputation with `logits` (tested). (The official generation instead
+  retrieves, for every new token, from all complete blocks before its own block.)
 
 Registered with transformers' `AttentionInterface` as `ctxext_landmark`; the model's own decoder layers run
 unchanged and the memory travels to the attention function as the `landmark_memory` keyword.
@@ -49,6 +70,17 @@ def insert_landmarks(input_ids: torch.Tensor, mem_freq: int, landmark_id: int) -
     return out, regular
 
 
+def source_positions(n: int, mem_freq: int, landmark_in_loss: bool, device=None) -> torch.Tensor:
+    """[n] index, in the sequence with landmarks inserted (`insert_landmarks`), of the output that predicts the regular
+    token after regular token i: the token itself, or, with `landmark_in_loss`, the landmark that follows it when it
+    completes a block (that landmark is trained to predict the next regular token)."""
+    i = torch.arange(n, device=device)
+    positions = i + i // mem_freq
+    if landmark_in_loss:
+        positions = positions + ((i + 1) % mem_freq == 0).long()
+    return positions
+
+
 def window_length(train_context: int, block_size: int, top_k: int) -> int:
     """Tokens per inference window: T - (T mod B) - (k + 1)·B (LCEG: 512 - 0 - 6·64 = 128); a multiple of B."""
     return train_context - train_context % block_size - (top_k + 1) * block_size
@@ -61,9 +93,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """RoPE rotation of `x` [..., P, d] by `positions` [P] (may be negative: the inverse rotation), computed
-    directly from inv_freq in float32 (so a cos/sin magnitude of the rotary module is neither applied nor undone)."""
-    angles = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
+    """RoPE rotation of `x` [..., d] by `positions`, broadcastable to x.shape[:-1] (e.g. [P] for x [..., P, d]; may be
+    negative: the inverse rotation), computed directly from inv_freq in float32 (so a cos/sin magnitude of the rotary
+    module is neither applied nor undone)."""
+    angles = positions.to(torch.float32)[..., None] * inv_freq.to(torch.float32)
     angles = torch.cat((angles, angles), dim=-1)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     return x * cos + _rotate_half(x) * sin
@@ -80,19 +113,20 @@ def earlier_block_logits(scores: torch.Tensor) -> torch.Tensor:
 
 
 def grouped_logits(scores: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Single-pass grouped-softmax logits. `scores` [..., Q, Q] are raw causal logits of a sequence that starts at a
-    block boundary (key j is the landmark of its block iff j mod B = B - 1); returns [..., Q, Q] logits whose softmax
-    over the last axis is landmark attention: own block's regular keys up to the query direct, earlier blocks gated
-    by their landmarks, later keys and the own block's landmark excluded."""
+    """Grouped-softmax logits of one pass. `scores` [..., Q, K] are raw logits of a sequence of K keys that starts at a
+    block boundary (key j is the landmark of its block iff j mod B = B - 1), the Q queries being its last Q tokens
+    (Q = K without a cache); returns [..., Q, K] logits whose softmax over the last axis is landmark attention: own
+    block's regular keys up to the query direct, earlier blocks gated by their landmarks, later keys and the own
+    block's landmark excluded."""
     q_len, k_len = scores.shape[-2:]
-    if q_len != k_len:
-        raise ValueError(f"grouped_logits needs as many queries as keys (no cache), got {q_len} and {k_len}")
+    if q_len > k_len:
+        raise ValueError(f"grouped_logits: {q_len} queries but only {k_len} keys (the queries are the last keys)")
     n_blocks = -(-k_len // block_size)
     pad = n_blocks * block_size - k_len
     padded = torch.nn.functional.pad(scores, (0, pad), value=NEG_INF) if pad else scores
     blocks = padded.unflatten(-1, (n_blocks, block_size))                       # [..., Q, nb, B]
     device = scores.device
-    query = torch.arange(q_len, device=device)
+    query = torch.arange(k_len - q_len, k_len, device=device)
     key = torch.arange(n_blocks * block_size, device=device).view(n_blocks, block_size)
     query_block = (query // block_size)[:, None, None]                          # [Q, 1, 1]
     key_block = (key // block_size)[None]                                       # [1, nb, B]
@@ -106,7 +140,7 @@ def grouped_logits(scores: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def grouped_weights(scores: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Landmark attention weights [..., Q, Q] from raw logits (see `grouped_logits`); each row sums to 1."""
+    """Landmark attention weights [..., Q, K] from raw logits (see `grouped_logits`); each row sums to 1."""
     return torch.softmax(grouped_logits(scores, block_size), dim=-1)
 
 
@@ -114,26 +148,76 @@ def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
+# --- memory positions (llama_mem.py's index formulas, relative to the window) ------------------------------------
+def scoring_positions(n_blocks: int, top_k: int, block_size: int, window_offset: int, device=None) -> torch.Tensor:
+    """[n_blocks] positions at which each memory block's landmark key is rotated for scoring, the window starting at
+    `window_offset`: the k' = min(k, n) most recent landmarks at their true positions, every older one at the one
+    position prefix + B - 1 just beyond them (prefix = window_offset - (k' + 1)·B)."""
+    recent = min(top_k, n_blocks)
+    prefix = window_offset - (recent + 1) * block_size
+    index = torch.zeros(n_blocks, dtype=torch.long, device=device)
+    index[n_blocks - recent:] = torch.arange(1, recent + 1, device=device)
+    return prefix + index * block_size + block_size - 1
+
+
+def slot_positions(chosen: torch.Tensor, n_blocks: int, block_size: int, window_offset: int) -> torch.Tensor:
+    """Re-assigned positions [..., k', B] of the chosen memory blocks `chosen` [..., k'] (sorted block indices, k' =
+    min(k, n)): the block in sorted place s at prefix + s·B + j, plus B when it is among the k' most recent blocks;
+    k' + 1 block slots [prefix, window_offset) just before the window."""
+    recent = chosen.shape[-1]
+    prefix = window_offset - (recent + 1) * block_size
+    slot = torch.arange(recent, device=chosen.device) + (chosen >= n_blocks - recent).long()   # [..., k'] in 0..k'
+    return prefix + slot[..., None] * block_size + torch.arange(block_size, device=chosen.device)
+
+
+def select_blocks(query: torch.Tensor, memory_keys: torch.Tensor, top_k: int, inv_freq: torch.Tensor,
+                  positions: torch.Tensor) -> torch.Tensor:
+    """Top-k memory blocks per query token and head by the landmark score q · R(positions[b])·k_landmark(b), re-sorted
+    by original block index; an exact tie goes to the more recent block. query [rows, H, Q, d] (rotated),
+    memory_keys [rows, H, n, B, d] (un-rotated), positions [n] (`scoring_positions`) -> [rows, H, Q, min(k, n)]."""
+    landmarks = rotate(memory_keys[..., -1, :], positions, inv_freq)           # [rows, H, n, d]
+    scores = query @ landmarks.transpose(-1, -2)                               # [rows, H, Q, n]
+    n_blocks = scores.shape[-1]
+    # a stable descending sort of the blocks from the most recent back: among equal scores the most recent comes first
+    newest_first = torch.sort(scores.flip(-1), dim=-1, descending=True, stable=True).indices
+    chosen = n_blocks - 1 - newest_first[..., :min(top_k, n_blocks)]
+    return chosen.sort(dim=-1).values
+
+
 # --- memory -----------------------------------------------------------------------------------------------------
 class LandmarkMemory:
-    """Per-layer memory of complete blocks: un-rotated keys and values [rows, kv_heads, n_blocks, B, d]."""
+    """Per-layer memory: the complete blocks of closed windows, keys un-rotated and values
+    [rows, kv_heads, n_blocks, B, d], and the open window's keys (rotated at window_offset + t) and values
+    [rows, kv_heads, t, d]. `close_window` moves the open window into the memory."""
 
-    def __init__(self, block_size: int, top_k: int, inv_freq: torch.Tensor):
-        self.block_size, self.top_k, self.inv_freq = block_size, top_k, inv_freq
-        self.window_offset = top_k * block_size         # the window's first position (after the k retrieval slots)
+    def __init__(self, block_size: int, top_k: int, inv_freq: torch.Tensor, window: int):
+        self.block_size, self.top_k, self.inv_freq, self.window = block_size, top_k, inv_freq, window
+        self.window_offset = (top_k + 1) * block_size   # the window's first position (after k + 1 block slots)
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self.window_keys: dict[int, torch.Tensor] = {}
+        self.window_values: dict[int, torch.Tensor] = {}
         self.last_selection: dict[int, torch.Tensor] = {}  # layer -> [rows, heads, Q, k'] (for inspection/tests)
 
     def blocks(self, layer: int) -> int:
         return 0 if layer not in self.keys else self.keys[layer].shape[2]
 
-    def slot_positions(self, n_selected: int, device=None) -> torch.Tensor:
-        """[n_selected, B] re-assigned positions of the selected blocks: right-aligned in the k slots before the
-        window, i.e. slot s at (k - n_selected + s)·B + offset."""
-        first = self.top_k - n_selected
-        slots = torch.arange(first, self.top_k, device=device)[:, None] * self.block_size
-        return slots + torch.arange(self.block_size, device=device)[None, :]
+    def open_length(self) -> int:
+        """Tokens in the open window (the same in every layer)."""
+        return next(iter(self.window_keys.values())).shape[2] if self.window_keys else 0
+
+    def extend_window(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append a forward's keys and values to the open window of `layer`; returns the whole open window."""
+        if layer in self.window_keys:
+            keys = torch.cat((self.window_keys[layer], keys), dim=2)
+            values = torch.cat((self.window_values[layer], values), dim=2)
+        self.window_keys[layer], self.window_values[layer] = keys, values
+        return keys, values
+
+    def close_window(self) -> None:
+        """Move every layer's open window into the memory (its complete blocks, see `append`)."""
+        for layer in list(self.window_keys):
+            self.append(layer, self.window_keys.pop(layer), self.window_values.pop(layer))
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Store the complete blocks of a window: `keys` rotated at window positions window_offset + t are
@@ -151,20 +235,10 @@ class LandmarkMemory:
         self.keys[layer], self.values[layer] = keys, values
 
 
-def select_blocks(query: torch.Tensor, memory_keys: torch.Tensor, top_k: int, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Top-k memory blocks per query token and head by the landmark score q · R(B - 1)·k_landmark (every landmark at
-    the same synthetic position), re-sorted by original block index. query [rows, H, Q, d] (rotated), memory_keys
-    [rows, H, n, B, d] (un-rotated) -> [rows, H, Q, min(k, n)] block indices."""
-    block_size = memory_keys.shape[-2]
-    landmarks = rotate(memory_keys[..., -1, :], torch.tensor([block_size - 1], device=query.device), inv_freq)
-    scores = query @ landmarks.transpose(-1, -2)                               # [rows, H, Q, n]
-    chosen = scores.topk(min(top_k, scores.shape[-1]), dim=-1).indices
-    return chosen.sort(dim=-1).values
-
-
 def memory_attention(query, key, value, memory: LandmarkMemory, layer: int, scaling: float) -> torch.Tensor:
-    """Landmark attention of one window with memory. query [rows, H, Q, d], key/value [rows, H, Q, d] (the window,
-    rotated at window_offset + t, kv heads already repeated). Returns [rows, H, Q, d]."""
+    """Landmark attention of the newest Q tokens of the open window, with memory. query [rows, H, Q, d]; key/value
+    [rows, H, K, d]: the open window so far, these tokens last (rotated at window_offset + t, kv heads already
+    repeated). Returns [rows, H, Q, d]."""
     window_logits = grouped_logits((query @ key.transpose(-1, -2)) * scaling, memory.block_size)
     n_blocks = memory.blocks(layer)
     if n_blocks == 0:
@@ -172,15 +246,14 @@ def memory_attention(query, key, value, memory: LandmarkMemory, layer: int, scal
     groups = query.shape[1] // memory.keys[layer].shape[1]
     mem_keys = _repeat_kv(memory.keys[layer], groups)                           # [rows, H, n, B, d]
     mem_values = _repeat_kv(memory.values[layer], groups)
-    chosen = select_blocks(query, mem_keys, memory.top_k, memory.inv_freq)      # [rows, H, Q, k']
+    scoring = scoring_positions(n_blocks, memory.top_k, memory.block_size, memory.window_offset, query.device)
+    chosen = select_blocks(query, mem_keys, memory.top_k, memory.inv_freq, scoring)   # [rows, H, Q, k']
     memory.last_selection[layer] = chosen
     rows = torch.arange(query.shape[0], device=query.device)[:, None, None, None]
     heads = torch.arange(query.shape[1], device=query.device)[None, :, None, None]
-    picked_keys = mem_keys[rows, heads, chosen]                                 # [rows, H, Q, k', B, d]
+    positions = slot_positions(chosen, n_blocks, memory.block_size, memory.window_offset)   # [rows, H, Q, k', B]
+    picked_keys = rotate(mem_keys[rows, heads, chosen], positions, memory.inv_freq)      # [rows, H, Q, k', B, d]
     picked_values = mem_values[rows, heads, chosen]
-    positions = memory.slot_positions(chosen.shape[-1], device=query.device)   # [k', B]
-    picked_keys = rotate(picked_keys.flatten(-3, -2), positions.flatten(), memory.inv_freq).unflatten(-2,
-                                                                                                   positions.shape)
     memory_logits = earlier_block_logits(torch.einsum("rhqd,rhqsbd->rhqsb", query, picked_keys) * scaling)
     weights = torch.softmax(torch.cat((memory_logits.flatten(-2), window_logits), dim=-1), dim=-1)
     n_memory = memory_logits.shape[-2] * memory_logits.shape[-1]
@@ -192,7 +265,8 @@ def landmark_attention_forward(module, query, key, value, attention_mask, scalin
                                landmark_memory: LandmarkMemory | None = None, **kwargs):
     """The `AttentionInterface` function: q/k arrive rotated, [rows, heads, Q, d]. Without `landmark_memory` it is
     the single-pass grouped softmax (training; the sequence starts at a block boundary, no cache, no padding:
-    causality comes from the block structure, the mask is not used). With it, one window of memory inference."""
+    causality comes from the block structure, the mask is not used). With it, the next tokens of the open window of
+    memory inference (their keys and values join the window)."""
     block_size = module.config.ctxext_attention["params"]["mem_freq"] + 1
     scaling = module.head_dim ** -0.5 if scaling is None else scaling
     groups = query.shape[1] // key.shape[1]
@@ -202,10 +276,49 @@ def landmark_attention_forward(module, query, key, value, attention_mask, scalin
             probs = torch.nn.functional.dropout(probs, p=dropout)
         out = probs @ _repeat_kv(value, groups)
     else:
+        key, value = landmark_memory.extend_window(module.layer_idx, key, value)
         out = memory_attention(query, _repeat_kv(key, groups), _repeat_kv(value, groups), landmark_memory,
                                module.layer_idx, scaling)
-        landmark_memory.append(module.layer_idx, key, value)
     return out.transpose(1, 2).contiguous(), None
+
+
+# --- generation -------------------------------------------------------------------------------------------------
+def _check_ids(input_ids) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a [rows, n] tensor with n >= 1, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+
+
+def _decode_greedily(first_logits: torch.Tensor, step, max_new_tokens: int, stop=None, pad_id: int | None = None
+                     ) -> torch.Tensor:
+    """The greedy loop of the common generation API (its contract, for the branch that adds it to
+    methods/attention.py): `first_logits` [rows, vocab] follow the prompt, `step(tokens [rows]) -> [rows, vocab]`
+    feeds one token per row. `stop(generated [rows, k]) -> BoolTensor[rows]` is called after every step; decoding
+    ends when every row has stopped. A stopped row is fed its last token again while the others go on, and its later
+    positions hold `pad_id`, or without one that last token. Returns [rows, max_new_tokens] (int64)."""
+    rows, device = first_logits.shape[0], first_logits.device
+    out = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
+    last = torch.full((rows,), max_new_tokens - 1, dtype=torch.long, device=device)   # each row's last real token
+    done = torch.zeros(rows, dtype=torch.bool, device=device)
+    logits = first_logits
+    for k in range(max_new_tokens):
+        token = logits.argmax(dim=-1)
+        if k:
+            token = torch.where(done, out[:, k - 1], token)
+        out[:, k] = token
+        if stop is not None:
+            now = torch.as_tensor(stop(out[:, :k + 1]), dtype=torch.bool, device=device).reshape(rows)
+            last = torch.where(now & ~done, torch.full_like(last, k), last)
+            done = done | now
+            if bool(done.all()):
+                break
+        if k + 1 < max_new_tokens:
+            logits = step(token)
+    after = torch.arange(max_new_tokens, device=device)[None, :] > last[:, None]
+    if bool(after.any()):
+        fill = out[torch.arange(rows, device=device), last][:, None] if pad_id is None else int(pad_id)
+        out = torch.where(after, fill, out)
+    return out
 
 
 # --- the method -------------------------------------------------------------------------------------------------
@@ -222,13 +335,16 @@ class LandmarkAttention(AttentionMethod):
     regimes = ("finetuned",)
 
     def _defaults(self, base_window: int, train_len: int, regime: str) -> dict:
-        # LCEG: mem_freq 63 (block 64), top_k 5; the training context is the length the cell is fine-tuned at
-        # (the base window in the paper's cell, train_len: base).
-        return {"mem_freq": 63, "top_k": 5, "train_context": int(train_len)}
+        # LCEG: mem_freq 63 (block 64), top_k 5, include_landmark_in_loss=True; the training context is the length
+        # the cell is fine-tuned at (the base window in the paper's cell, train_len: base).
+        return {"mem_freq": 63, "top_k": 5, "train_context": int(train_len), "landmark_in_loss": True}
 
     def _validate(self, params: dict, base_window: int, train_len: int) -> dict:
         for name in ("mem_freq", "top_k", "train_context"):
             _positive_int(params, name)
+        if not isinstance(params["landmark_in_loss"], bool):
+            raise ValueError(f"landmark parameter landmark_in_loss must be true or false, got "
+                             f"{params['landmark_in_loss']!r}")
         block = params["mem_freq"] + 1
         window = window_length(params["train_context"], block, params["top_k"])
         if window < block:
@@ -270,42 +386,127 @@ class LandmarkAttention(AttentionMethod):
         record = getattr(model.config, "ctxext_attention", None)
         if not record or record.get("attention") != "landmark" or "landmark_id" not in record:
             raise ValueError("the model has no landmark attention applied (config.ctxext_attention)")
-        return record["params"], record["landmark_id"]
+        # checkpoints written before the switch existed trained without the landmarks in the loss
+        return {"landmark_in_loss": False, **record["params"]}, record["landmark_id"]
 
     def training_inputs(self, model, batch: torch.Tensor) -> dict:
-        """Landmarks inserted; labels such that every regular token predicts the next regular token and the
-        landmark positions are out of the loss (HF shifts labels by one: logits[p] is scored against labels[p+1])."""
+        """Landmarks inserted. With `landmark_in_loss` (LCEG) the labels are the inserted sequence itself: every
+        position predicts the next token, landmarks included (a landmark at the very end of a row, which LCEG's rows
+        never have, is no target). Without, every regular token predicts the next regular token and the landmark
+        positions are out of the loss. (HF shifts labels by one: logits[p] is scored against labels[p+1].)"""
         params, landmark_id = self._record(model)
-        ids, regular = insert_landmarks(batch, params["mem_freq"], landmark_id)
+        mem_freq = params["mem_freq"]
+        ids, regular = insert_landmarks(batch, mem_freq, landmark_id)
+        if params["landmark_in_loss"]:
+            labels = ids.clone()
+            if batch.shape[1] % mem_freq == 0:
+                labels[:, -1] = -100
+            return {"input_ids": ids, "labels": labels}
         target = torch.full_like(ids, -100)
         target[:, regular[:-1]] = batch[:, 1:]
         labels = torch.cat((torch.full_like(target[:, :1], -100), target[:, :-1]), dim=1)
         return {"input_ids": ids, "labels": labels}
 
+    # --- inference ----------------------------------------------------------------------------------------------
+    @staticmethod
+    def _memory(model, params: dict) -> LandmarkMemory:
+        block, top_k = params["mem_freq"] + 1, params["top_k"]
+        inv_freq = model.get_decoder().rotary_emb.inv_freq
+        return LandmarkMemory(block, top_k, inv_freq, window_length(params["train_context"], block, top_k))
+
+    @staticmethod
+    def _feed(model, memory: LandmarkMemory, ids: torch.Tensor) -> torch.Tensor:
+        """Run the next tokens `ids` [rows, m] (landmarks inserted) through the decoder window by window, the memory
+        carried along (a window that fills up moves into it); returns their final hidden states [rows, m, hidden]."""
+        decoder, pieces, start = model.get_decoder(), [], 0
+        while start < ids.shape[1]:
+            open_length = memory.open_length()
+            piece = ids[:, start:start + memory.window - open_length]
+            positions = memory.window_offset + open_length + torch.arange(piece.shape[1], device=ids.device)
+            out = decoder(input_ids=piece, position_ids=positions.expand(piece.shape[0], -1), use_cache=False,
+                          landmark_memory=memory)
+            pieces.append(out.last_hidden_state)
+            if memory.open_length() == memory.window:
+                memory.close_window()
+            start += piece.shape[1]
+        return torch.cat(pieces, dim=1)
+
+    def _hidden(self, model, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(final hidden states [rows, M] of the windowed inference over `input_ids` with landmarks inserted,
+        [N] index of the output that predicts the token after each regular token, landmark id)."""
+        params, landmark_id = self._record(model)
+        ids, _ = insert_landmarks(input_ids, params["mem_freq"], landmark_id)
+        hidden = self._feed(model, self._memory(model, params), ids)
+        sources = source_positions(input_ids.shape[1], params["mem_freq"], params["landmark_in_loss"],
+                                   input_ids.device)
+        return hidden, sources, landmark_id
+
     @torch.no_grad()
     def logits(self, model, input_ids: torch.Tensor) -> torch.Tensor:
         """Next-token logits [rows, N, vocab without the landmark] at the regular tokens of `input_ids` [rows, N],
         computed window by window with memory carried across windows."""
-        params, landmark_id = self._record(model)
-        block, top_k = params["mem_freq"] + 1, params["top_k"]
-        window = window_length(params["train_context"], block, top_k)
-        ids, regular = insert_landmarks(input_ids, params["mem_freq"], landmark_id)
-        inv_freq = getattr(model, "model", model).rotary_emb.inv_freq
-        memory = LandmarkMemory(block, top_k, inv_freq)
-        pieces = []
-        for start in range(0, ids.shape[1], window):
-            chunk = ids[:, start:start + window]
-            positions = memory.window_offset + torch.arange(chunk.shape[1], device=ids.device)
-            out = model(input_ids=chunk, position_ids=positions.expand(chunk.shape[0], -1), use_cache=False,
-                        landmark_memory=memory)
-            pieces.append(out.logits[..., :landmark_id])
-        return torch.cat(pieces, dim=1)[:, regular]
+        hidden, sources, landmark_id = self._hidden(model, input_ids)
+        return model.get_output_embeddings()(hidden[:, sources])[..., :landmark_id]
 
+    @torch.no_grad()
+    def answer_logits(self, model, input_ids: torch.Tensor, positions: torch.Tensor,
+                      prefill_chunk: int | None = None) -> torch.Tensor:
+        """Next-token logits [rows, k, vocab without the landmark] (float32) after the regular tokens `positions`
+        [rows, k] (each in 0 .. N - 1) of `input_ids` [rows, N], as `logits` gives them there; the output layer runs on
+        those k hidden states only. `prefill_chunk` (the common signature's) is not used: the windowed inference
+        already runs one window per forward."""
+        _check_ids(input_ids)
+        positions = torch.as_tensor(positions, dtype=torch.long, device=input_ids.device)
+        n = input_ids.shape[1]
+        if positions.dim() != 2 or positions.shape[0] != input_ids.shape[0]:
+            raise ValueError(f"positions must be [rows, k] with rows = {input_ids.shape[0]}, got "
+                             f"{tuple(positions.shape)}")
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= n):
+            raise ValueError(f"positions must lie in 0 .. {n - 1}, got {int(positions.min())} .. {int(positions.max())}")
+        hidden, sources, landmark_id = self._hidden(model, input_ids)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
+        return model.get_output_embeddings()(hidden[rows, sources[positions]])[..., :landmark_id].float()
+
+    @torch.no_grad()
+    def greedy_generate(self, model, input_ids: torch.Tensor, max_new_tokens: int, stop=None,
+                        pad_id: int | None = None, prefill_chunk: int | None = None) -> torch.Tensor:
+        """Greedy continuation [rows, max_new_tokens] (int64) of `input_ids` [rows, N] (prompts of equal length): the
+        windowed inference with its memory and open window cached, one forward per new token (two when it completes a
+        block: the token and its landmark). The landmark column is never chosen. `stop(generated [rows, k]) ->
+        BoolTensor[rows]` is called after every step and decoding ends once every row has stopped; a stopped row's
+        later positions hold `pad_id`, or without one its last token repeated (`_decode_greedily`). `prefill_chunk`
+        (the common signature's) is not used: the prompt goes through the windowed inference."""
+        _check_ids(input_ids)
+        if not isinstance(max_new_tokens, Integral) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
+        params, landmark_id = self._record(model)
+        mem_freq, in_loss = params["mem_freq"], params["landmark_in_loss"]
+        rows, n = input_ids.shape
+        if max_new_tokens == 0:
+            return input_ids.new_zeros((rows, 0))
+        memory = self._memory(model, params)
+        head = model.get_output_embeddings()
+        ids, _ = insert_landmarks(input_ids, mem_freq, landmark_id)
+        first = head(self._feed(model, memory, ids)[:, int(source_positions(n, mem_freq, in_loss)[-1])])
+        count = [n]   # regular tokens so far
+
+        def step(token: torch.Tensor) -> torch.Tensor:
+            count[0] += 1
+            completes = count[0] % mem_freq == 0
+            feed = token[:, None] if not completes else torch.stack((token, torch.full_like(token, landmark_id)), 1)
+            hidden = self._feed(model, memory, feed)
+            return head(hidden[:, -1] if completes and in_loss else hidden[:, 0])[..., :landmark_id]
+
+        return _decode_greedily(first[..., :landmark_id], step, max_new_tokens, stop, pad_id)
+
+    @torch.no_grad()
     def single_pass_logits(self, model, input_ids: torch.Tensor) -> torch.Tensor:
         """Like `logits` but in one forward pass without memory (the training-time computation)."""
         params, landmark_id = self._record(model)
-        ids, regular = insert_landmarks(input_ids, params["mem_freq"], landmark_id)
-        return model(input_ids=ids, use_cache=False).logits[:, regular, :landmark_id]
+        ids, _ = insert_landmarks(input_ids, params["mem_freq"], landmark_id)
+        sources = source_positions(input_ids.shape[1], params["mem_freq"], params["landmark_in_loss"],
+                                   input_ids.device)
+        return model(input_ids=ids, use_cache=False).logits[:, sources, :landmark_id]
 
 
 METHOD = LandmarkAttention()

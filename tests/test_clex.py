@@ -1,10 +1,13 @@
-"""CLEX (docs/methods.md §5): the NTK identity at initialisation, scale selection, the training-position sampler,
-gradient flow into the ODE, checkpoint reload, and cached generation vs full recomputation."""
+"""CLEX (docs/methods.md §5): the NTK identity at initialisation, the time embedding's fixed base against an
+independent solve of both forms, scale selection, the training-position sampler, gradient flow into the ODE,
+checkpoint reload, and cached generation vs full recomputation."""
+import math
+
 import pytest
 import torch
 
 from methods import get_method
-from methods.clex import CLEXODE, CLEXRotaryEmbedding, inference_scale, training_positions
+from methods.clex import TIME_EMBEDDING_BASE, CLEXODE, CLEXRotaryEmbedding, inference_scale, training_positions
 from methods.ntk import ntk_base
 from methods.rope import default_inv_freq
 from workflow.modeling import load_model
@@ -48,6 +51,64 @@ def test_untrained_clex_is_ntk_with_alpha_2t_minus_1(d, t):
     expected = -(2 * torch.arange(d // 2, dtype=torch.float64) / d) * torch.log(torch.tensor(1e4, dtype=torch.float64)) \
         - (2 * torch.arange(d // 2, dtype=torch.float64) / (d - 2)) * torch.log(torch.tensor(2.0 * t - 1, dtype=torch.float64))
     assert torch.allclose(z, expected, atol=1e-9, rtol=0)
+
+
+def _theta_by_rk4(w_up, w_down, d, base, time_base, scales, dt=0.01):
+    """theta(t) [len(scales), d/2] from the formulas, in float64 by a hand-written fixed-step 3/8-rule RK4 from t = 1:
+    z(1) = log of base's RoPE frequencies, dz/dt = silu((z + xi(t)) W_up) W_down + xi'(t) with
+    xi_i(t) = -(2i/d) ln time_base - (2i/(d-2)) ln(2t - 1) and xi'_i(t) = -(2i/(d-2)) * 2/(2t - 1)."""
+    i = torch.arange(d // 2, dtype=torch.float64)
+    w_up, w_down = w_up.double(), w_down.double()
+
+    def f(t, z):
+        xi = -(2 * i / d) * math.log(time_base) - (2 * i / (d - 2)) * math.log(2 * t - 1)
+        return torch.nn.functional.silu((z + xi) @ w_up) @ w_down - (2 * i / (d - 2)) * 2 / (2 * t - 1)
+
+    z, t, out = -(2 * i / d) * math.log(base), 1.0, []
+    for target in scales:
+        for _ in range(round((target - t) / dt)):
+            h = (target - t) / round((target - t) / dt)
+            k1 = f(t, z)
+            k2 = f(t + h / 3, z + h * k1 / 3)
+            k3 = f(t + 2 * h / 3, z + h * (k2 - k1 / 3))
+            k4 = f(t + h, z + h * (k1 - k2 + k3))
+            z, t = z + h * (k1 + 3 * k2 + 3 * k3 + k4) / 8, t + h
+        t = float(target)
+        out.append(z.exp())
+    return torch.stack(out)
+
+
+def test_time_embedding_has_the_official_fixed_base_10000():
+    """At the model's base 1e5 (SmolLM2, d = 64): theta(t) is the official form's (time embedding on 10000, z(1) on
+    1e5), not the form with the time embedding on the model's base; at base 1e4 the two are the same; untrained, both
+    are NTK on the model's base."""
+    assert TIME_EMBEDDING_BASE == 10000.0
+    d, base, scales = 64, 1e5, [1, 2, 4, 8]
+    torch.manual_seed(0)                  # W_up's initialisation
+    ode = CLEXODE(d, base, act="silu")
+    with torch.no_grad():
+        ode.w_down.normal_(0.0, 0.001, generator=torch.Generator().manual_seed(0))
+        got64 = ode.log_frequencies(scales, dtype=torch.float64).exp()
+        got32 = ode.log_frequencies(scales).exp()
+    official = _theta_by_rk4(ode.w_up.detach(), ode.w_down.detach(), d, base, 1e4, scales)
+    paper = _theta_by_rk4(ode.w_up.detach(), ode.w_down.detach(), d, base, base, scales)
+    torch.testing.assert_close(got64, official, rtol=1e-9, atol=0)
+    torch.testing.assert_close(got32.double(), official, rtol=2e-5, atol=0)
+    gap = ((paper - official).abs() / official).max(dim=1).values      # per t: the other form's departure
+    assert gap[0] == 0 and 1e-3 < gap[1] < 2e-2 and 0.02 < gap[3] < 0.1    # docs/methods.md §5g: ~1 % at t = 2, 4-7 %
+    assert ((got64 - paper).abs() / paper).max() > 0.02                 # the test tells the two forms apart
+    # base 1e4: the same ODE either way
+    ode4 = CLEXODE(d, 1e4, act="silu")
+    ode4.load_state_dict(ode.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(ode4.log_frequencies(scales, dtype=torch.float64).exp(),
+                                   _theta_by_rk4(ode.w_up.detach(), ode.w_down.detach(), d, 1e4, 1e4, scales),
+                                   rtol=1e-9, atol=0)
+    # untrained: NTK-aware with alpha = 2t - 1 on the model's base 1e5
+    for t in scales:
+        inv_freq, _ = CLEX.frequencies(head_dim=d, base=base, original_window=4096, target_window=32768,
+                                       seq_len=4096 * t, max_factor=8)
+        assert torch.allclose(inv_freq, default_inv_freq(d, ntk_base(base, d, 2 * t - 1)), rtol=1e-4, atol=0)
 
 
 def test_one_solve_gives_every_scale_and_matches_single_solves():

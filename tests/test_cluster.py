@@ -82,7 +82,8 @@ def test_the_studies_follow_their_protocols():
     assert cells["clex-exact-32768-ft"]["method_params"]["max_factor"] == 32
     assert cells["none-lm_infinite-4096-frozen"]["attention_params"] == {"n_local": 4096, "n_global": 10,
                                                                          "distance_cap": 4096}
-    assert cells["none-landmark-4096-ft"]["attention_params"] == {"mem_freq": 63, "top_k": 5, "train_context": 512}
+    assert cells["none-landmark-4096-ft"]["attention_params"] == {"mem_freq": 63, "top_k": 5, "train_context": 512,
+                                                                  "landmark_in_loss": True}
     smol = compose("smollm2")
     assert smol["study"]["train_lens"] == [16384, 32768] and smol["eval"]["lengths"][-1] == 65536
     assert smol["eval"]["tasks"] == compose("tiny")["eval"]["tasks"]

@@ -65,7 +65,8 @@ def test_landmark_cell_is_fine_tuned_at_the_base_window_with_study_block_size():
         cell = {c["cell_id"]: c for c in expand_grid(cfg)}[f"none-landmark-{base}-ft"]
         assert (cell["rope"], cell["attention"], cell["regime"], cell["train_len"]) == (
             "none", "landmark", "finetuned", base)
-        assert cell["attention_params"] == {"mem_freq": mem_freq, "top_k": 5, "train_context": base}
+        assert cell["attention_params"] == {"mem_freq": mem_freq, "top_k": 5, "train_context": base,
+                                            "landmark_in_loss": True}
 
 
 def test_bad_landmark_parameters_stop_before_compute():
@@ -75,6 +76,10 @@ def test_bad_landmark_parameters_stop_before_compute():
     cfg = compose("tiny", ["grid=[{rope: none, attention: landmark, regime: frozen, train_len: base}]"])
     with pytest.raises(ConfigError, match="regime"):
         expand_grid(cfg)
+    with pytest.raises(ConfigError, match="landmark_in_loss must be true or false"):
+        expand_grid(compose("tiny", ["+method.landmark.landmark_in_loss=1"]))
+    cells = {c["cell_id"]: c for c in expand_grid(compose("tiny", ["+method.landmark.landmark_in_loss=false"]))}
+    assert cells["none-landmark-256-ft"]["attention_params"]["landmark_in_loss"] is False
 
 
 def test_cell_record_has_config_and_hash():

@@ -36,7 +36,7 @@ def finetune_cell(cfg: dict, data_dir: Path, base_dir: Path, out: Path) -> dict:
     tokens = np.load(data_dir / "train.npy", mmap_mode="r")
     mixer = PasskeyMixer(tokenizer, seed=ft["seed"], share=cfg["base"]["data"]["passkey_share"])
     batches = finetune_batches(tokens, cfg["train_len"], ft["tokens_per_step"], mixer)
-    attention = attention_of(model)  # e.g. Landmark inserts its tokens and keeps them out of the loss
+    attention = attention_of(model)  # e.g. Landmark inserts its tokens (in the loss or not: landmark_in_loss)
     summary = train(model, batches, {**ft, "dtype": model_cfg.get("dtype", "float32")}, out, label=f"finetune {cfg['cell_id']}",
                     inputs_fn=lambda batch: attention.training_inputs(model, batch))
     if distributed.active():
