@@ -23,9 +23,9 @@ bounded cache holding only what its Λ-shaped attention reads). RoPE methods who
 length take part through `RopeMethod.fixed_length` (the prefill gets the prompt's frequencies in every chunk) and
 `RopeMethod.generation_length` (the frequencies of the decoding steps: Dynamic NTK fixes the prompt's α, CLEX
 re-encodes when its scale t changes; docs/methods.md §3.2g, §5g). A kind that computes its logits its own way
-(it overrides `logits`, e.g. Landmark, which inserts tokens) and does not override the two methods gets correct
-but uncached fallbacks: `answer_logits` gathers from its `logits`, `greedy_generate` recomputes the full forward
-pass per new token.
+(it overrides `logits`, e.g. Landmark, which inserts tokens) must override both methods too (the model's decoder
+with a plain cache would not be that kind): the base class refuses it rather than fall back to a silent full
+recomputation per token.
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def check_prefill_chunk(prefill_chunk) -> int:
     return int(prefill_chunk)
 
 
-def _check_ids(input_ids) -> None:
+def check_ids(input_ids) -> None:
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a [rows, n] tensor with n >= 1, got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
@@ -162,10 +162,12 @@ class AttentionMethod:
 
         return DynamicCache(config=model.config)
 
-    def _own_logits(self) -> bool:
-        """True for a kind that computes its logits its own way (overrides `logits`) and so cannot run the model's
-        decoder with a plain cache; it gets the uncached fallbacks unless it overrides the evaluation methods."""
-        return type(self).logits is not AttentionMethod.logits
+    def _refuse_own_logits(self, what: str) -> None:
+        """A kind that computes its logits its own way (overrides `logits`) cannot run the model's decoder with a
+        plain cache: it must implement the evaluation methods itself."""
+        if type(self).logits is not AttentionMethod.logits:
+            raise NotImplementedError(f"attention {self.name!r} computes its own logits and must implement {what} "
+                                      "(the base class runs the model's decoder with a plain cache)")
 
     def _hidden_at(self, model, input_ids: torch.Tensor, positions: torch.Tensor, prefill_chunk: int,
                    cache=None) -> torch.Tensor:
@@ -198,7 +200,7 @@ class AttentionMethod:
         output layer runs on those k hidden states only. The decoder runs in one pass without a cache, or, for a
         kind with a bounded cache and an input longer than `prefill_chunk` (default DEFAULT_PREFILL_CHUNK), in
         chunks through that cache (see the module docstring)."""
-        _check_ids(input_ids)
+        check_ids(input_ids)
         positions = torch.as_tensor(positions, dtype=torch.long, device=input_ids.device)
         if positions.dim() != 2 or positions.shape[0] != input_ids.shape[0]:
             raise ValueError(f"positions must be [rows, k] with rows = {input_ids.shape[0]}, got {tuple(positions.shape)}")
@@ -207,10 +209,7 @@ class AttentionMethod:
             raise ValueError(f"positions must lie in 0 .. {n - 1}, got {positions.min().item()} .. "
                              f"{positions.max().item()}")
         chunk = check_prefill_chunk(prefill_chunk)
-        if self._own_logits():  # fallback: the kind's own logits, gathered (full logits of the whole input)
-            full = self.logits(model, input_ids)
-            rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
-            return full[rows, positions].float()
+        self._refuse_own_logits("answer_logits")
         with _rope_of(model).fixed_length(model, n):
             hidden = self._hidden_at(model, input_ids, positions, chunk if self.bounded_cache else n)
         return model.get_output_embeddings()(hidden).float()
@@ -228,22 +227,14 @@ class AttentionMethod:
         the output layer at the new position only. Equal, token for token, to greedy decoding by full recomputation
         (argmax of a full forward pass's last logits, appended, repeated), with Dynamic NTK's α fixed at the
         prompt's length (docs/methods.md §3.2g)."""
-        _check_ids(input_ids)
+        check_ids(input_ids)
         if not isinstance(max_new_tokens, Integral) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         chunk = check_prefill_chunk(prefill_chunk)
         rows, n = input_ids.shape
         if max_new_tokens == 0:
             return input_ids.new_zeros(rows, 0)
-        if self._own_logits():  # fallback: full recomputation through the kind's own logits
-            ids = input_ids
-
-            def recompute(token):
-                nonlocal ids
-                ids = torch.cat([ids, token[:, None]], dim=1)
-                return self.logits(model, ids)[:, -1].float()
-
-            return decode_greedily(self.logits(model, ids)[:, -1].float(), recompute, max_new_tokens, stop, pad_id)
+        self._refuse_own_logits("greedy_generate")
         rope, decoder, head = _rope_of(model), model.get_decoder(), model.get_output_embeddings()
         cache, keyword = self.new_cache(model), _cache_keyword(decoder)
         last = torch.full((rows, 1), n - 1, dtype=torch.long, device=input_ids.device)

@@ -51,7 +51,7 @@ from numbers import Integral
 
 import torch
 
-from .attention import AttentionMethod
+from .attention import AttentionMethod, check_ids, decode_greedily
 
 ATTN_NAME = "ctxext_landmark"
 NEG_INF = float("-inf")
@@ -282,45 +282,6 @@ def landmark_attention_forward(module, query, key, value, attention_mask, scalin
     return out.transpose(1, 2).contiguous(), None
 
 
-# --- generation -------------------------------------------------------------------------------------------------
-def _check_ids(input_ids) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise ValueError(f"input_ids must be a [rows, n] tensor with n >= 1, got "
-                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-
-
-def _decode_greedily(first_logits: torch.Tensor, step, max_new_tokens: int, stop=None, pad_id: int | None = None
-                     ) -> torch.Tensor:
-    """The greedy loop of the common generation API (its contract, for the branch that adds it to
-    methods/attention.py): `first_logits` [rows, vocab] follow the prompt, `step(tokens [rows]) -> [rows, vocab]`
-    feeds one token per row. `stop(generated [rows, k]) -> BoolTensor[rows]` is called after every step; decoding
-    ends when every row has stopped. A stopped row is fed its last token again while the others go on, and its later
-    positions hold `pad_id`, or without one that last token. Returns [rows, max_new_tokens] (int64)."""
-    rows, device = first_logits.shape[0], first_logits.device
-    out = torch.empty(rows, max_new_tokens, dtype=torch.long, device=device)
-    last = torch.full((rows,), max_new_tokens - 1, dtype=torch.long, device=device)   # each row's last real token
-    done = torch.zeros(rows, dtype=torch.bool, device=device)
-    logits = first_logits
-    for k in range(max_new_tokens):
-        token = logits.argmax(dim=-1)
-        if k:
-            token = torch.where(done, out[:, k - 1], token)
-        out[:, k] = token
-        if stop is not None:
-            now = torch.as_tensor(stop(out[:, :k + 1]), dtype=torch.bool, device=device).reshape(rows)
-            last = torch.where(now & ~done, torch.full_like(last, k), last)
-            done = done | now
-            if bool(done.all()):
-                break
-        if k + 1 < max_new_tokens:
-            logits = step(token)
-    after = torch.arange(max_new_tokens, device=device)[None, :] > last[:, None]
-    if bool(after.any()):
-        fill = out[torch.arange(rows, device=device), last][:, None] if pad_id is None else int(pad_id)
-        out = torch.where(after, fill, out)
-    return out
-
-
 # --- the method -------------------------------------------------------------------------------------------------
 def _positive_int(params: dict, name: str) -> None:
     value = params[name]
@@ -455,7 +416,7 @@ class LandmarkAttention(AttentionMethod):
         [rows, k] (each in 0 .. N - 1) of `input_ids` [rows, N], as `logits` gives them there; the output layer runs on
         those k hidden states only. `prefill_chunk` (the common signature's) is not used: the windowed inference
         already runs one window per forward."""
-        _check_ids(input_ids)
+        check_ids(input_ids)
         positions = torch.as_tensor(positions, dtype=torch.long, device=input_ids.device)
         n = input_ids.shape[1]
         if positions.dim() != 2 or positions.shape[0] != input_ids.shape[0]:
@@ -474,9 +435,9 @@ class LandmarkAttention(AttentionMethod):
         windowed inference with its memory and open window cached, one forward per new token (two when it completes a
         block: the token and its landmark). The landmark column is never chosen. `stop(generated [rows, k]) ->
         BoolTensor[rows]` is called after every step and decoding ends once every row has stopped; a stopped row's
-        later positions hold `pad_id`, or without one its last token repeated (`_decode_greedily`). `prefill_chunk`
+        later positions hold `pad_id`, or without one its last token repeated (`methods.attention.decode_greedily`). `prefill_chunk`
         (the common signature's) is not used: the prompt goes through the windowed inference."""
-        _check_ids(input_ids)
+        check_ids(input_ids)
         if not isinstance(max_new_tokens, Integral) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
         params, landmark_id = self._record(model)
@@ -497,7 +458,7 @@ class LandmarkAttention(AttentionMethod):
             hidden = self._feed(model, memory, feed)
             return head(hidden[:, -1] if completes and in_loss else hidden[:, 0])[..., :landmark_id]
 
-        return _decode_greedily(first[..., :landmark_id], step, max_new_tokens, stop, pad_id)
+        return decode_greedily(first[..., :landmark_id], step, max_new_tokens, stop, pad_id)
 
     @torch.no_grad()
     def single_pass_logits(self, model, input_ids: torch.Tensor) -> torch.Tensor:

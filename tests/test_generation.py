@@ -3,7 +3,7 @@ attention kind and RoPE method, cached greedy decoding equals greedy decoding by
 (the reference, `tests.helpers.greedy_by_recomputation`, runs the model's full forward pass per new token), over
 several prompt lengths, with and without a chunked prefill; LM-Infinite's cache stays bounded; Dynamic NTK is
 compared with a model whose base is fixed at the prompt's α, built here from the formula; the stop rule; the
-uncached fallback of a kind with its own logits (Landmark)."""
+refusal of a kind with its own logits that does not evaluate itself."""
 from __future__ import annotations
 
 import math
@@ -276,22 +276,25 @@ def test_arguments_are_checked():
         EXACT.greedy_generate(model, torch.zeros(3, dtype=torch.long), 2)
 
 
-# ---------------------------------------------------------------- a kind with its own logits: the uncached fallback
+# ---------------------------------------------------------------- a kind with its own logits must evaluate itself
 
 
-def test_a_kind_with_its_own_logits_gets_the_uncached_fallback():
-    model = tiny_llama(0, vocab=40, hidden=32, intermediate=48, heads=4, kv_heads=2, window=40,
-                       attn_implementation="sdpa")
-    get_method("landmark").apply(model, 40, 40, "finetuned", mem_freq=3, top_k=6, train_context=40)
-    kind = attention_of(model)
-    ids = torch.randint(0, 40, (2, 30), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = greedy_by_recomputation(lambda x: kind.logits(model, x), ids, 5)
-        full = kind.logits(model, ids)
-    assert torch.equal(kind.greedy_generate(model, ids, 5), want)
-    positions = torch.tensor([[3, 29], [0, 17]])
-    torch.testing.assert_close(kind.answer_logits(model, ids, positions), full[[[0], [1]], positions].float())
-    assert math.isfinite(float(full.sum()))
+def test_a_kind_with_its_own_logits_must_implement_the_evaluation_methods():
+    """The base class refuses to run the plain decoder for a kind whose logits are its own (no silent fallback)."""
+    from methods.attention import AttentionMethod
+
+    class OwnLogits(AttentionMethod):
+        name = "own_logits"
+
+        def logits(self, model, input_ids):
+            return model(input_ids=input_ids).logits
+
+    model = tiny_llama(0, vocab=40, hidden=32, intermediate=48, heads=4, window=40)
+    ids = torch.randint(0, 40, (1, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(NotImplementedError, match="must implement greedy_generate"):
+        OwnLogits().greedy_generate(model, ids, 3)
+    with pytest.raises(NotImplementedError, match="must implement answer_logits"):
+        OwnLogits().answer_logits(model, ids, torch.tensor([[2, 5]]))
 
 
 # ---------------------------------------------------------------- the benchmark tool (a smoke test, no timings checked)
