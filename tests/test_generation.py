@@ -6,7 +6,6 @@ compared with a model whose base is fixed at the prompt's α, built here from th
 refusal of a kind with its own logits that does not evaluate itself."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
