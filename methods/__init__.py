@@ -7,7 +7,7 @@
 """
 from __future__ import annotations
 
-from . import clex, dynamic_ntk, landmark, llama3, lm_infinite, none, ntk, pi, self_extend, yarn
+from . import clex, dynamic_ntk, landmark, llama3, lm_infinite, longlora, none, ntk, pi, self_extend, yarn
 from .attention import EXACT, AttentionMethod
 from .rope import REGIMES, RopeMethod
 
@@ -15,7 +15,7 @@ METHODS: dict[str, RopeMethod] = {m.METHOD.name: m.METHOD for m in (none, pi, nt
 
 # Attention kinds a cell may combine with a RoPE method ("exact": the model's own full attention).
 ATTENTION_METHODS: dict[str, AttentionMethod] = {m.name: m for m in (EXACT, lm_infinite.METHOD, landmark.METHOD,
-                                                                   self_extend.METHOD)}
+                                                                   self_extend.METHOD, longlora.METHOD)}
 ATTENTIONS: tuple[str, ...] = tuple(ATTENTION_METHODS)
 
 

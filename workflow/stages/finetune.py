@@ -39,12 +39,19 @@ def finetune_cell(cfg: dict, data_dir: Path, base_dir: Path, out: Path) -> dict:
     attention = attention_of(model)  # e.g. Landmark inserts its tokens and keeps them out of the loss
     summary = train(model, batches, {**ft, "dtype": model_cfg.get("dtype", "float32")}, out, label=f"finetune {cfg['cell_id']}",
                     inputs_fn=lambda batch: attention.training_inputs(model, batch))
+    # an attention kind that trains something other than the model it evaluates (LongLoRA: adapters merged, full
+    # attention restored) finishes here, before the model is saved
+    finish = getattr(attention, "finish_training", None)
     if distributed.active():
         weights = distributed.full_model_state(model)   # every process takes part; rank 0 gets the weights
         if distributed.is_main():
+            if finish is not None:
+                weights = finish(model, state_dict=weights)
             save_model_dir(model, tokenizer, out / "model", state_dict=weights)
         torch.distributed.barrier()
     else:
+        if finish is not None:
+            finish(model)
         save_model_dir(model, tokenizer, out / "model")
     if distributed.is_main():
         remove_checkpoint(out)
