@@ -7,11 +7,12 @@
 """
 from __future__ import annotations
 
-from . import clex, dynamic_ntk, landmark, llama3, lm_infinite, longlora, none, ntk, pi, self_extend, yarn
+from . import clex, dynamic_ntk, landmark, llama3, lm_infinite, longlora, longrope, none, ntk, pi, self_extend, yarn
 from .attention import EXACT, AttentionMethod
 from .rope import REGIMES, RopeMethod
 
-METHODS: dict[str, RopeMethod] = {m.METHOD.name: m.METHOD for m in (none, pi, ntk, dynamic_ntk, yarn, clex, llama3)}
+METHODS: dict[str, RopeMethod] = {m.METHOD.name: m.METHOD for m in (none, pi, ntk, dynamic_ntk, yarn, clex, llama3,
+                                                                                longrope)}
 
 # Attention kinds a cell may combine with a RoPE method ("exact": the model's own full attention).
 ATTENTION_METHODS: dict[str, AttentionMethod] = {m.name: m for m in (EXACT, lm_infinite.METHOD, landmark.METHOD,

@@ -15,7 +15,7 @@ from tests.helpers import logits, random_ids, tiny_llama
 
 L, TARGET = 64, 256  # tiny model windows (s = 4)
 NAMES = ["none", "pi", "ntk", "dynamic_ntk", "yarn", "llama3"]  # fixed frequency methods (CLEX: tests/test_clex.py)
-ALL_NAMES = ["none", "pi", "ntk", "dynamic_ntk", "yarn", "clex", "llama3"]
+ALL_NAMES = ["none", "pi", "ntk", "dynamic_ntk", "yarn", "clex", "llama3", "longrope"]
 
 
 def theta(d, b):
@@ -369,7 +369,7 @@ def test_verify_rotary_can_fail():
 
 def test_package_exports():
     assert set(methods.__all__) >= {"METHODS", "get_method", "restore"}
-    assert methods.ATTENTIONS == ("exact", "lm_infinite", "landmark")
+    assert methods.ATTENTIONS == ("exact", "lm_infinite", "landmark", "self_extend", "longlora")
 
 
 def test_attention_axis_registry_and_exact_is_a_no_op(tmp_path):

@@ -55,7 +55,7 @@ class CellLM(HFLM):
                  max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, batch_size: int | str = 1, **kwargs):
         if cell is not None:
             cfg, model_dir = cell_paths(cell)
-            model = cell_model(cfg, model_dir)
+            model = cell_model(cfg, model_dir, Path(cell).parent.parent / "data", Path(cell))
             tokenizer = tokenizer or str(model_dir)
             max_length = int(max_length or longest_eval_len(cfg) + int(max_gen_toks))
         if model is None or tokenizer is None or not max_length:
