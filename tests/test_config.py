@@ -22,13 +22,31 @@ def test_tiny_grid_is_exactly_the_configured_cells():
     assert len(cells) == 16
 
 
-def test_micro_has_the_same_grid_shape():
+# The rows of config/grids/extended.yaml beyond the paper grid, in the micro study (base window 64, 128/256).
+EXTENDED_MICRO_CELLS = {
+    "none-self_extend-64-frozen",
+    *(f"{m}-{n}-ft" for m in ("pi-longlora", "longrope-exact", "llama3-exact") for n in (128, 256)),
+    "longrope-exact-256-frozen", "llama3-exact-256-frozen",
+}
+
+
+def test_micro_has_the_tiny_grid_shape_plus_the_extended_rows():
     cfg = compose("micro")
     cells = expand_grid(cfg)
     base = cfg["model"]["base_window"]
-    assert len(cells) == 16
+    assert len(cells) == 16 + 9
     assert {c["cell_id"] for c in cells} == {
-        c.replace("-256-", f"-{base}-").replace("-512-", "-128-").replace("-1024-", "-256-") for c in TINY_CELLS}
+        c.replace("-256-", f"-{base}-").replace("-512-", "-128-").replace("-1024-", "-256-")
+        for c in TINY_CELLS} | EXTENDED_MICRO_CELLS
+
+
+def test_the_extended_grid_starts_with_the_paper_grid():
+    import yaml
+
+    grids = REPO / "config" / "grids"
+    paper = yaml.safe_load((grids / "paper_rope.yaml").read_text())["grid"]
+    extended = yaml.safe_load((grids / "extended.yaml").read_text())["grid"]
+    assert extended[:len(paper)] == paper and len(extended) > len(paper)
 
 
 def test_overrides_reach_the_resolved_config():
