@@ -245,3 +245,33 @@ def test_validation():
     model(input_ids=x)
     with pytest.raises(ValueError, match="divides the row length"):
         model(input_ids=ids(20))
+
+
+# ---------------------------------------------------------------- the fine-tuning stage
+
+
+def test_the_finetune_stage_saves_a_merged_plain_model(stage):
+    """The micro study's PI + LongLoRA cell through the real stage: trained with S²-Attn and adapters, saved merged."""
+    from tests.helpers import run_module
+    from workflow.config import stage_config
+
+    cell = stage["cells"]["pi-longlora-128-ft"]
+    config = stage["root"] / "finetune-longlora.json"
+    config.write_text(json.dumps(stage_config(stage["cfg"], cell, "finetune"), sort_keys=True))
+    out = stage["root"] / "cells" / cell["cell_id"]
+    run = run_module("workflow.stages.finetune", "--config", config, "--data-dir", stage["root"] / "data",
+                     "--base", stage["root"] / "base" / "model", "--out", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert keys and not any("lora" in k or "base_layer" in k for k in keys)
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert saved["ctxext"]["rope"] == "pi" and saved["rope_parameters"]["rope_type"] == "linear"
+    assert saved["ctxext_attention"]["attention"] == "longlora" and saved["ctxext_attention"]["merged"] is True
+    plain = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    base = AutoModelForCausalLM.from_pretrained(stage["root"] / "base" / "model").eval()
+    changed = [n for n, p in plain.named_parameters() if not torch.equal(p, base.get_parameter(n))]
+    assert any("q_proj" in n for n in changed) and any("norm" in n for n in changed)
+    assert not any("mlp" in n for n in changed)   # frozen: neither LoRA targets nor embed/norm
+    steps = [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, stage["cfg"]["finetune"]["steps"] + 1))

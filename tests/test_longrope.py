@@ -230,3 +230,46 @@ def test_defaults_are_the_official_search():
         "long_factor": None, "short_factor": "long", "search_population": 64, "search_generations": 40,
         "search_parents": 32, "search_mutations": 16, "search_crossovers": 16, "search_crossover_tries": 20,
         "search_step": 0.01, "search_tokens": 5 * 32768, "search_seed": 42}
+
+
+# ---------------------------------------------------------------- the stages
+
+
+def test_the_stages_search_on_the_validation_split_and_record_it(stage):
+    """A fine-tuned micro LongRoPE cell searches in the fine-tuning stage and saves its factors in the checkpoint; a
+    frozen one searches in cell_model and reuses its record the second time."""
+    import json
+
+    from tests.helpers import run_module
+    from workflow import rope_search
+    from workflow.config import stage_config
+    from workflow.modeling import cell_model
+
+    cell = stage["cells"]["longrope-exact-128-ft"]
+    config = stage["root"] / "finetune-longrope.json"
+    config.write_text(json.dumps(stage_config(stage["cfg"], cell, "finetune"), sort_keys=True))
+    out = stage["root"] / "cells" / cell["cell_id"]
+    run = run_module("workflow.stages.finetune", "--config", config, "--data-dir", stage["root"] / "data",
+                     "--base", stage["root"] / "base" / "model", "--out", out)
+    assert run.returncode == 0, run.stderr[-3000:]
+    record = json.loads((out / rope_search.SEARCH_FILE).read_text())
+    assert record["summary"]["evaluations"] == 4 + 2 * 3 and record["summary"]["windows"] == 512 // 128
+    assert record["summary"]["loss"] <= record["summary"]["initial_loss"]
+    saved = json.loads((out / "model" / "config.json").read_text())
+    assert saved["rope_parameters"]["long_factor"] == record["long_factor"] == saved["ctxext"]["params"]["long_factor"]
+    plain = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert plain.config.rope_parameters["rope_type"] == "longrope"
+
+    frozen = stage["cells"]["longrope-exact-256-frozen"]
+    cfg = stage_config(stage["cfg"], frozen, "evaluate")
+    cell_dir = stage["root"] / "cells" / frozen["cell_id"]
+    model = cell_model(cfg, stage["root"] / "base" / "model", stage["root"] / "data", cell_dir)
+    found = json.loads((cell_dir / rope_search.SEARCH_FILE).read_text())
+    assert model.config.rope_parameters["long_factor"] == found["long_factor"]
+    assert found["summary"]["windows"] == 512 // 256 and found["key"] == rope_search.search_key(cfg)
+    again = cell_model(cfg, stage["root"] / "base" / "model", None, cell_dir)   # reused: no data needed
+    assert again.config.rope_parameters["long_factor"] == found["long_factor"]
+    with pytest.raises(ValueError, match="needs cell_dir"):
+        cell_model(cfg, stage["root"] / "base" / "model")
+    with pytest.raises(ValueError, match="searching needs data_dir"):
+        cell_model(cfg, stage["root"] / "base" / "model", None, stage["root"] / "elsewhere")

@@ -167,9 +167,9 @@ def cell_model(cfg: dict, model_dir: Path, data_dir: Path | None = None, cell_di
         from workflow import rope_search
 
         if rope_search.needs_search(model):
-            if data_dir is None or cell_dir is None:
-                raise ValueError(f"{cfg['cell_id']}: LongRoPE's factors are searched on the validation split; "
-                                 "cell_model needs data_dir and cell_dir")
+            if cell_dir is None:
+                raise ValueError(f"{cfg['cell_id']}: LongRoPE's factors are searched on the validation split and "
+                                 "recorded in the cell's directory; cell_model needs cell_dir (and data_dir)")
             ev = cfg.get("eval") or {}
             rope_search.search_cell(model, cfg, data_dir, cell_dir, ev.get("batch_tokens"), ev.get("loss_chunk"))
     return model

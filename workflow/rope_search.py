@@ -63,6 +63,9 @@ def search_cell(model, cell: dict, data_dir: Path, cell_dir: Path, batch_tokens:
         return _reuse(model, path, key, required=True)
     found = _reuse(model, path, key, required=False)
     if found is None:
+        if data_dir is None:
+            raise ValueError(f"{cell['cell_id']}: no LongRoPE search recorded in {path}; searching needs data_dir "
+                             "(the study's data directory, for its validation split)")
         found = _search(model, cell, data_dir, batch_tokens, loss_chunk, dtype)
         found["key"] = key
         LONGROPE.set_factors(model, found["long_factor"], search=found["summary"])
