@@ -76,7 +76,7 @@ def s2_attention(query, key, value, group: int, scaling: float, dropout: float =
 
 
 def longlora_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
-    """The attention function registered as `ATTN_IMPLEMENTATION`: S²-Attn in training, SDPA full attention otherwise."""
+    """The attention function registered as `ATTN_IMPLEMENTATION`: S²-Attn in training, SDPA (full) otherwise."""
     if not module.training:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)

@@ -185,8 +185,8 @@ def search(model, score_fn: Callable[[list[float]], float], *, population: int, 
                 f"({len(state.scores)} evaluated)")
     best, loss = min(pool, key=lambda item: item[1])
     result = {"long_factor": [float(x) for x in best], "loss": loss, "initial_factor": [float(x) for x in start],
-              "initial_loss": initial_loss, "evaluations": len(state.scores), "best_per_generation": best_per_generation,
-              "wall_s": round(time.perf_counter() - t0, 3)}
+              "initial_loss": initial_loss, "evaluations": len(state.scores),
+              "best_per_generation": best_per_generation, "wall_s": round(time.perf_counter() - t0, 3)}
     METHOD.set_factors(model, result["long_factor"], search={k: v for k, v in result.items() if k != "long_factor"})
     return result
 

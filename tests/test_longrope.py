@@ -1,5 +1,5 @@
-"""Tests of LongRoPE (`methods/longrope.py`, `workflow/rope_search.py`; docs/methods.md §13): the frequencies θ_i/λ_i and
-the magnitude sqrt(1 + ln s/ln L) computed here, against transformers' `longrope` rope function and rotary module
+"""Tests of LongRoPE (`methods/longrope.py`, `workflow/rope_search.py`; docs/methods.md §13): the frequencies θ_i/λ_i
+and the magnitude sqrt(1 + ln s/ln L) computed here, against transformers' `longrope` rope function and rotary module
 (short set up to L, long set beyond), the search's start (YaRN's ramp as factors), the search itself (it lowers the
 loss of a planted signal below its start, is seeded, keeps every candidate monotonic and on its grid), the found
 factors realised exactly by transformers and reloaded by plain transformers, the workflow's validation-split search

@@ -3,6 +3,7 @@
 with the base model where nothing is grouped, on a model with any RoPE, cached greedy generation against full
 recomputation token for token, answer logits, save/reload, validation and the studies' defaults."""
 import itertools
+import math
 
 import pytest
 import torch
@@ -45,8 +46,7 @@ def naive_self_extend(q_rot, k_rot, v, inv_freq, G, W, scaling, scale_base=-1, n
     k0 = as_complex(k_rot.repeat_interleave(groups, 1)) * torch.exp(-1j * torch.arange(n).double()[:, None] * theta)
     scores = torch.full((b, h, q_len, n), float("-inf"), dtype=torch.float64)
     for row, m in enumerate(range(n - q_len, n)):
-        log_scale = max(1.0, torch.log(torch.tensor(m + 1.0)).item() / torch.log(torch.tensor(float(scale_base))).item()) \
-            if scale_base > 0 else 1.0
+        log_scale = max(1.0, math.log(m + 1) / math.log(scale_base)) if scale_base > 0 else 1.0
         for j in range(m + 1):
             pq, pk = (m, j) if neighbour(m - j) else (m // G + W - W / G, j // G)
             qm = q0[:, :, row] * torch.exp(1j * pq * theta) * log_scale

@@ -8,10 +8,11 @@ the same windows for every candidate. The result goes into the model config (met
 checkpoint of a fine-tuned cell reloads with it) and into `<cell>/longrope_search.json`: the cell's searched params,
 the summary (initial and final loss, evaluations, best loss per generation, wall time) and a key of everything the
 search depends on. A later load of the same cell with the same key reuses the file instead of searching again (the
-lm-eval model, a resumed fine-tuning job); under several processes rank 0 searches and the others read its file.
+lm-eval model, a resumed fine-tuning job); under several processes rank 0 searches and the others wait for its file.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +60,15 @@ def search_cell(model, cell: dict, data_dir: Path, cell_dir: Path, batch_tokens:
     path = Path(cell_dir) / SEARCH_FILE
     key = search_key(cell)
     if distributed.active() and not distributed.is_main():
-        torch.distributed.barrier()   # rank 0 searches and writes the file first
-        return _reuse(model, path, key, required=True)
-    found = _reuse(model, path, key, required=False)
+        # rank 0 searches and writes the file; the others wait for it by polling, not in a collective, whose timeout
+        # a long search could exceed (if rank 0 fails, the launcher stops every process)
+        found = _reuse(model, path, key)
+        while found is None:
+            time.sleep(2.0)
+            found = _reuse(model, path, key)
+        torch.distributed.barrier()
+        return found
+    found = _reuse(model, path, key)
     if found is None:
         if data_dir is None:
             raise ValueError(f"{cell['cell_id']}: no LongRoPE search recorded in {path}; searching needs data_dir "
@@ -75,15 +82,14 @@ def search_cell(model, cell: dict, data_dir: Path, cell_dir: Path, batch_tokens:
     return found
 
 
-def _reuse(model, path: Path, key: str, required: bool) -> dict | None:
+def _reuse(model, path: Path, key: str) -> dict | None:
+    """Install the factors recorded in `path` if it was written for this key; None otherwise."""
     if path.is_file():
         found = read_json(path)
         if found.get("key") == key:
             LONGROPE.set_factors(model, found["long_factor"], search=found["summary"])
             log(f"longrope: reusing the searched factors in {path}")
             return found
-    if required:
-        raise RuntimeError(f"longrope search: {path} is missing or was written for another cell configuration")
     return None
 
 
