@@ -7,8 +7,11 @@
 #   snakemake -n --cores all report                               # list every job/cell
 #   snakemake --cores all publish --config publish_dir=site       # copy report + tables + DB to site/<study>/
 import json
+import os
 import shlex
 import sys
+
+from snakemake.settings.types import DeploymentMethod
 
 sys.path.insert(0, workflow.basedir)
 from workflow.common import config_hash
@@ -24,16 +27,22 @@ try:
     CFG = compose(config.get("study"), config.get("overrides", []))
     CELLS = {cell["cell_id"]: cell for cell in expand_grid(CFG)}
 except ConfigError as exc:
-    raise WorkflowError(f"ctxext configuration error: {exc}")
+    # The message alone and exit status 1: Snakemake would print any exception raised here with a traceback.
+    raise SystemExit(f"ctxext configuration error: {exc}")
 
 STUDY = CFG["study"]["name"]
 R = f"results/{STUDY}"
-PY = sys.executable
+# The jobs' Python: this interpreter, or with `--sdm conda` the `python` of the rule's environment (envs/ctxext.yaml,
+# which installs the project from this checkout: CTXEXT_REPO).
+CONDA = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+PY = "python" if CONDA else sys.executable
+if CONDA:
+    os.environ["CTXEXT_REPO"] = workflow.basedir
 TASKS = CFG["eval"]["tasks"]
 FINETUNED = [c for c, cell in CELLS.items() if cell["regime"] == "finetuned"]
 VERSION = code_version()
 # Cluster resources of each model rule (gpu, mem_mb, runtime in minutes), from config/resources/.
-RESOURCES = {rule: dict(CFG.get("resources", {}).get(rule) or {}) for rule in ("data", "base", "finetune", "evaluate")}
+RESOURCES = CFG["resources"]
 # The fine-tuning command: `python -m workflow.stages.finetune`, or under finetune.launcher (e.g. accelerate/torchrun
 # for multi-GPU FSDP), whose module runner then takes the place of python.
 LAUNCH_FINETUNE = launch_prefix(CFG["finetune"].get("launcher"), PY, workflow.basedir)
@@ -61,6 +70,15 @@ include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/store.smk"
 include: "workflow/rules/report.smk"
 include: "workflow/rules/publish.smk"
+
+
+# Light rules run in the Snakemake process, never as cluster jobs (on SLURM they would queue for the GPU partition).
+localrules:
+    cell_config,
+    study_info,
+    ingest,
+    report,
+    publish,
 
 
 rule all:

@@ -46,6 +46,12 @@ def attention_of(model) -> AttentionMethod:
     return get_attention(record["attention"]) if record else EXACT
 
 
+def rope_of(model) -> RopeMethod:
+    """The RoPE method recorded in `model.config.ctxext` (`none`, the original RoPE, when none is)."""
+    record = getattr(model.config, "ctxext", None)
+    return METHODS[record["rope"]] if record else METHODS["none"]
+
+
 def restore(model):
     """Re-install the runtime hooks of the RoPE method recorded in `model.config.ctxext` and of the attention
     kind recorded in `model.config.ctxext_attention` (no-op without them)."""
@@ -59,4 +65,4 @@ def restore(model):
 
 
 __all__ = ["ATTENTIONS", "attention_of", "ATTENTION_METHODS", "AttentionMethod", "METHODS", "REGIMES", "RopeMethod",
-           "get_attention", "get_method", "restore"]
+           "get_attention", "get_method", "restore", "rope_of"]

@@ -19,8 +19,10 @@ neural-ODE frequency basis.
   stale once t changes. Re-rotating un-rotated keys, as the reference implementation does, fixes the first layer
   only. So when a cached forward crosses into a new t, a decoder pre-hook drops the cache and re-encodes the whole
   sequence (the cache remembers its token ids) with the new t; cached generation then equals full recomputation
-  (tested). It happens at most max_factor - 1 times per sequence. Supported: transformers' dynamic cache, contiguous
-  positions (no left padding), input ids (not embeddings).
+  (tested). It happens at most max_factor - 1 times per sequence. Supported: transformers' dynamic cache (and
+  LM-Infinite's bounded one), contiguous positions (no left padding), input ids (not embeddings). A chunked prefill
+  runs under `fixed_length(model, n)`, which pins t = t(n) of the whole prompt, so the chunks are not re-encoded as
+  they cross multiples of L; the decoding steps then take t from their own length (`methods.attention`).
 - Checkpoints. The ODE is `model.model.rotary_emb.ode`, so the optimizer trains it and `save_pretrained` saves
   it (keys `model.rotary_emb.ode.*`). transformers' `from_pretrained` builds the stock rotary module and drops those
   keys; `methods.restore` -> `install_hooks` rebuilds the CLEX module from `config.ctxext` and loads its weights
@@ -28,6 +30,7 @@ neural-ODE frequency basis.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from numbers import Integral
 from pathlib import Path
@@ -127,6 +130,7 @@ class CLEXRotaryEmbedding(nn.Module):
         self.register_buffer("original_inv_freq", theta.clone(), persistent=False)
         self._table, self._table_key = None, None
         self.last_t = None  # the t of the last forward (for tests and diagnostics)
+        self.pinned_t = None  # set by CLEX.fixed_length: the t every inference forward uses meanwhile
 
     def _parameters_key(self):
         return tuple((p._version, p.data_ptr(), p.dtype, p.device) for p in self.ode.parameters())
@@ -143,6 +147,10 @@ class CLEXRotaryEmbedding(nn.Module):
     def scale_for(self, n: int) -> int:
         return inference_scale(n, self.original_window, self.max_factor)
 
+    def current_scale(self, n: int) -> int:
+        """The t an inference forward over a total length n uses: the pinned t if any, else t(n)."""
+        return self.pinned_t if self.pinned_t is not None else self.scale_for(n)
+
     def inference_inv_freq(self, n: int) -> torch.Tensor:
         return self.frequency_table()[self.scale_for(n) - 1]
 
@@ -152,7 +160,7 @@ class CLEXRotaryEmbedding(nn.Module):
             positions = training_positions(position_ids.shape[-1], self.original_window, t)[None].to(x.device)
             inv_freq = self.ode.inv_freq(t)
         else:
-            t = self.scale_for(int(position_ids.max()) + 1)
+            t = self.current_scale(int(position_ids.max()) + 1)
             positions = position_ids.to(torch.float32)
             inv_freq = self.frequency_table()[t - 1]
         self.last_t = t
@@ -192,13 +200,15 @@ def _sync_cache(decoder, args, kwargs):
     if position_ids is not None and not torch.equal(position_ids.expand(new_ids.shape[0], -1)[0], expected):
         raise NotImplementedError("clex: KV-cache generation supports contiguous positions 0..n-1 only "
                                   "(no left padding)")
-    new_t, old_t = rotary.scale_for(n), getattr(cache, _CACHE_ATTR)
+    new_t, old_t = rotary.current_scale(n), getattr(cache, _CACHE_ATTR)
     if new_t == old_t:
         return None
     for layer in cache.layers:
         if not isinstance(layer, DynamicLayer) or getattr(layer, "is_sliding", False):
             raise NotImplementedError(f"clex: re-encoding a {type(layer).__name__} cache is not supported")
     cache.crop(-past)  # empty: the keys and values of every layer were computed with the old t
+    if cache.get_seq_length() != 0:
+        raise RuntimeError(f"clex: could not empty the {type(cache).__name__} for re-encoding")
     setattr(cache, _IDS_ATTR, None)
     kwargs = {**kwargs, "input_ids": torch.cat((cached_ids, new_ids), dim=1)}
     if position_ids is not None:
@@ -278,6 +288,18 @@ class CLEX(RopeMethod):
             ode = CLEXODE(head_dim, base, params["param_factor"], params["act"], params["time_dt"])
         with torch.no_grad():
             return ode.inv_freq(t).cpu(), 1.0
+
+    @contextlib.contextmanager
+    def fixed_length(self, model, n: int):
+        """Inside, every inference forward uses t = t(n) (and the cache hook does not re-encode for a t that this pin
+        keeps constant): a chunked prefill of an n-token prompt then equals one forward over it."""
+        rotary = rotary_module(model)
+        previous = rotary.pinned_t
+        rotary.pinned_t = rotary.scale_for(int(n))
+        try:
+            yield
+        finally:
+            rotary.pinned_t = previous
 
     def model_frequencies(self, model, seq_len: int) -> torch.Tensor:
         """theta(t) [d/2] the CLEX model `model` uses for a sequence of total length `seq_len` (its trained ODE)."""

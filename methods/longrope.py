@@ -28,6 +28,7 @@ applying the method with the recorded params rebuilds the same model.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from numbers import Integral
@@ -42,6 +43,7 @@ from .yarn import correction_range
 SEARCH_KEYS = ("search_population", "search_generations", "search_parents", "search_mutations", "search_crossovers",
                "search_crossover_tries")
 SHORT_MODES = ("long", "ones")
+_PINNED_TYPE = "ctxext_pinned"  # the rotary module's rope type while a length is pinned: transformers' update is skipped
 
 
 def su_scale(scale: float, original_window: int) -> float:
@@ -281,6 +283,30 @@ class LongRoPE(RopeMethod):
                 not math.isclose(their_scale, scale, rel_tol=1e-9):
             raise RuntimeError(f"longrope: transformers' long inv_freq {theirs.tolist()} (scale {their_scale}) differs "
                                f"from the method's {ours.tolist()} (scale {scale})")
+
+    @contextlib.contextmanager
+    def fixed_length(self, model, n: int):
+        """Inside, every forward uses the factor set of a sequence of n tokens (long for n > L, else short), whatever
+        its own length, so that a prompt prefilled in chunks gets the frequencies of one forward over it (transformers
+        picks the set per forward from max(position_ids) + 1; trap 2). Nests; restores the per-forward choice."""
+        record = _record(model)
+        rotary = rotary_module(model)
+        inv_freq, _ = self._frequencies(rotary_dim(model.config), float(model.config.rope_parameters["rope_theta"]),
+                                        record["original_window"], record["target_window"], int(n), record["params"])
+        own_type, saved = rotary.rope_type, rotary.inv_freq.clone()
+        rotary.rope_type = _PINNED_TYPE
+        rotary.inv_freq.copy_(inv_freq.to(rotary.inv_freq))
+        try:
+            yield
+        finally:
+            rotary.rope_type = own_type
+            rotary.inv_freq.copy_(saved)
+
+    def generation_length(self, model, n_prompt: int):
+        """The prompt's factor set for every decoding step: the cached keys keep the set they were rotated with, so a
+        generation that crosses L does not switch sets half-way (with the default `short_factor: long` the two sets
+        are equal and nothing changes)."""
+        return self.fixed_length(model, n_prompt)
 
     def set_factors(self, model, long_factor: list[float], search: dict | None = None):
         """Install `long_factor` (and the short set that follows from `short_factor`) on a longrope model: config,

@@ -6,6 +6,7 @@ LLaMA model through transformers' native rope types (`apply`), recording what it
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from numbers import Integral, Real
 
@@ -163,3 +164,18 @@ class RopeMethod:
 
     def install_hooks(self, model) -> None:
         """Re-install runtime hooks the method needs (none by default); must be idempotent."""
+
+    # --- generation with a KV cache (methods.attention: greedy_generate, answer_logits) -------------------------
+    def fixed_length(self, model, n: int):
+        """A context manager: inside it, every forward of `model` uses the frequencies of a sequence of total length
+        `n`, whatever its own length, so that a prompt of n tokens prefilled in chunks gets exactly the frequencies of
+        one forward pass over it. A no-op for the methods whose frequencies do not depend on the length (all but
+        Dynamic NTK and CLEX)."""
+        return contextlib.nullcontext()
+
+    def generation_length(self, model, n_prompt: int):
+        """A context manager around the decoding steps of cached greedy generation after an `n_prompt`-token prompt:
+        the frequencies those steps use. Default: each forward's own total length (what the cache sees), which is
+        all that a length-independent method needs; Dynamic NTK fixes the prompt's length for the whole generation
+        (docs/methods.md §3.2g), CLEX keeps each step's own length and re-encodes when its scale changes (§5g)."""
+        return contextlib.nullcontext()

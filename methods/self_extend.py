@@ -17,12 +17,13 @@ grouped distances stay below L is (L - W)·G + W (`max_length`). The official op
 How it plugs in: like LM-Infinite, an attention function registered with transformers' `AttentionInterface`; the
 model's attention layers hand it queries and keys rotated by RoPE at their true positions (the KV cache holds those
 rotated keys, which keep everything Self-Extend needs: a pure rotation by (floor(j/G) - j)·θ moves a cached key to
-its grouped position, and (floor(m/G) + W - W/G - m)·θ the query). Rotations are computed from the rotary module's
+its grouped position, and (floor(m/G) + W - W/G - m)·θ the query), so the base class's cached `greedy_generate`
+(chunked prefill, one token per step) and `answer_logits` serve it unchanged. Rotations are computed from the rotary module's
 current `inv_freq` (angles in float64), so the grouped scores carry the same cos/sin magnitude as the neighbour
 ones, and any RoPE method that keeps transformers' rotate-half layout can be combined with it.
 
 Cost: O(n²) like exact attention, with two score matrices (neighbour and grouped), computed in query blocks so that
-no full n x n matrix per head is held. Decoding with the cache (`greedy_generate`) costs O(n) per token.
+no full n x n matrix per head is held. Decoding with the cache costs O(n) per token.
 
 Limits: unpadded batches with positions contiguous from 0 (padding raises); full rotary dimension only.
 """
@@ -150,17 +151,6 @@ AttentionInterface.register(ATTN_IMPLEMENTATION, self_extend_attention)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _padding_only_mask)
 
 
-def _pad_id(model) -> int:
-    """The id written after a row has stopped: the config's pad token, else its (first) EOS token, else 0."""
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(model.config, name, None)
-        if isinstance(value, (list, tuple)):
-            value = value[0] if value else None
-        if value is not None:
-            return int(value)
-    return 0
-
-
 class SelfExtend(AttentionMethod):
     name = "self_extend"
     description = ("Self-Extend: neighbour window W at true positions, floor-divided (group G) positions beyond it, "
@@ -200,43 +190,6 @@ class SelfExtend(AttentionMethod):
         for layer in inner.layers:
             setattr(layer.self_attn, _OWNER, ref)
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
-
-    # --- generation ---------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def greedy_generate(self, model, input_ids: torch.Tensor, max_new_tokens: int, stop=None) -> torch.Tensor:
-        """Greedy decoding with transformers' dynamic KV cache (rotated keys at their true positions, from which the
-        attention derives the grouped ones). Returns [rows, max_new_tokens]; `stop(generated [rows, k])` -> bool
-        [rows] is called after every step, a row that has stopped gets the pad id (config pad token, else EOS, else
-        0) from then on, and decoding ends when every row has stopped."""
-        from transformers import DynamicCache
-
-        rows = input_ids.shape[0]
-        device = input_ids.device
-        pad = _pad_id(model)
-        generated = torch.full((rows, max_new_tokens), pad, dtype=torch.long, device=device)
-        done = torch.zeros(rows, dtype=torch.bool, device=device)
-        if max_new_tokens <= 0:
-            return generated
-        cache = DynamicCache(config=model.config)
-        step = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1)
-        for k in range(max_new_tokens):
-            token = torch.where(done, torch.full_like(done, pad, dtype=torch.long), step.logits[:, -1].argmax(-1))
-            generated[:, k] = token
-            if stop is not None:
-                done |= torch.as_tensor(stop(generated[:, :k + 1]), dtype=torch.bool, device=device).reshape(rows)
-            if bool(done.all()) or k + 1 == max_new_tokens:
-                break
-            step = model(input_ids=token[:, None], cache=cache, use_cache=True)
-        return generated
-
-    @torch.no_grad()
-    def answer_logits(self, model, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Logits [rows, k, vocab] at `positions` [rows, k] of `input_ids` [rows, n] (the prediction of the token
-        after each position); the output layer runs at those positions only."""
-        hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-        positions = positions.to(device=hidden.device, dtype=torch.long)
-        rows = torch.arange(hidden.shape[0], device=hidden.device)[:, None]
-        return model.get_output_embeddings()(hidden[rows, positions])
 
 
 METHOD = SelfExtend()

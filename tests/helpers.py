@@ -1,9 +1,11 @@
 """Helpers shared by the tests (import them as `from tests.helpers import ...`; fixtures are in conftest.py):
 
-- small random LLaMA models, inputs and a real tokenizer (`tiny_llama`, `random_ids`, `logits`, `stdlib_tokenizer`);
+- small random LLaMA models, inputs and a real tokenizer (`tiny_llama`, `random_ids`, `logits`, `stdlib_tokenizer`),
+  and the reference of cached generation (`greedy_by_recomputation`);
 - the micro study's data and base stages built in a tmp dir, and the stage commands run as subprocesses
   (`build_stage`, `run_module`, `finetune_args`, `read_log`);
-- a small fake results tree with the layout of results/<study>/ for the store and report tests (`build_study`).
+- a small fake results tree with the layout of results/<study>/ for the store and report tests (`build_study`), and
+  the check that every link of a rendered report resolves (`link_problems`).
 """
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ import math
 import os
 import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -43,6 +47,17 @@ def random_ids(n, vocab, seed=1):
 @torch.no_grad()
 def logits(model, x):
     return model(input_ids=x).logits
+
+
+@torch.no_grad()
+def greedy_by_recomputation(logits_fn, input_ids, max_new_tokens):
+    """Greedy decoding by full recomputation, the reference of every cached generation: the argmax of the last
+    logits of a full forward pass (`logits_fn(ids) -> [rows, T, vocab]`) over everything so far, appended, repeated.
+    Returns the new tokens [rows, max_new_tokens]."""
+    ids = input_ids
+    for _ in range(max_new_tokens):
+        ids = torch.cat([ids, logits_fn(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[:, input_ids.shape[1]:]
 
 
 def stdlib_tokenizer(vocab=512, modules=("argparse.py", "typing.py", "inspect.py")):
@@ -253,3 +268,40 @@ EXPECTED_COUNTS = {
                     + len(RULER_TASKS) * len(RULER_LENGTHS)),
     "train_log": 60 + 3 * 30,
 }
+
+
+class _Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids, self.targets = set(), []
+
+    def handle_starttag(self, tag, attrs):
+        for name, value in attrs:
+            if name == "id":
+                self.ids.add(value)
+            elif name in ("href", "src", "xlink:href", "action", "poster", "data"):
+                self.targets.append((tag, name, value or ""))
+
+
+def link_problems(html: str, folder: Path) -> list[str]:
+    """The links of a rendered page that do not resolve: '#id' with no such id in the page, a relative path with no
+    file under `folder` (the page's folder; a path may not leave it), and anything else that is not an https URL."""
+    parser = _Links()
+    parser.feed(html)
+    root, problems = Path(folder).resolve(), []
+    for tag, attr, target in parser.targets:
+        parts = urlsplit(target)
+        if parts.scheme == "https" and parts.netloc:
+            continue
+        if parts.scheme or parts.netloc or target.startswith("/"):
+            problems.append(f"<{tag} {attr}={target!r}>: neither relative nor https")
+        elif not parts.path:
+            if parts.fragment not in parser.ids:
+                problems.append(f"<{tag} {attr}={target!r}>: no element with that id")
+        else:
+            path = (root / unquote(parts.path)).resolve()
+            if not path.is_relative_to(root):
+                problems.append(f"<{tag} {attr}={target!r}>: leaves the report's folder")
+            elif not path.is_file():
+                problems.append(f"<{tag} {attr}={target!r}>: no file {path}")
+    return problems

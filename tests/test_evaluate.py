@@ -1,12 +1,20 @@
-"""Evaluation helpers: perplexity windows, retrieval scoring, confidence intervals."""
+"""Evaluation helpers: perplexity windows, retrieval scoring (exact match, per-token accuracy, the answer's
+log-probability, logits only at the answer positions), confidence intervals."""
+import json
 import math
 
 import numpy as np
+import pytest
+import scipy.stats
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from methods import attention_of
+from tests.helpers import greedy_by_recomputation, tiny_llama
 from workflow.corpus import document_bounds
-from workflow.scoring import answers_correct, evaluate_ppl, ppl_spans
+from workflow.scoring import answer_scores, answers_correct, evaluate_ppl, evaluate_retrieval, ppl_spans
 from workflow.stats import wilson
 
 
@@ -61,3 +69,107 @@ def test_ppl_scores_the_same_tokens_at_every_length_and_matches_the_model_loss()
             expected = model(input_ids=batch, labels=batch).loss.item()
         assert math.isclose(ppl["value"], math.exp(expected), rel_tol=1e-5)
         assert ppl["n"] == 2 * (128 // length) * (length - 1)
+
+
+def _retrieval_samples(vocab, lengths, depths, per_cell, seed=0):
+    """Samples of the data stage's shape: prompt + answer of exactly eval_len tokens, answers of 1 to 3 tokens."""
+    g = np.random.default_rng(seed)
+    out = []
+    for length in lengths:
+        for depth in depths:
+            for i in range(per_cell):
+                k = 1 + (i % 3)
+                ids = g.integers(1, vocab, size=length).tolist()
+                out.append({"eval_len": length, "depth": depth, "input_ids": ids[:-k], "answer_ids": ids[-k:]})
+    return out
+
+
+def test_retrieval_rows_give_exact_match_token_accuracy_and_log_probability(tmp_path):
+    model = _model()
+    samples = _retrieval_samples(50, [12, 20], [0.0, 1.0], 5)
+    for s in samples[::2]:  # make some answers the model's own greedy continuation
+        prompt = torch.tensor([s["input_ids"]])
+        s["answer_ids"] = greedy_by_recomputation(lambda x: model(input_ids=x).logits, prompt,
+                                                  len(s["answer_ids"]))[0].tolist()
+    path = tmp_path / "passkey.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    rows, meta = evaluate_retrieval(model, path, {"batch_tokens": 40, "prefill_chunk": 5})
+    assert meta == {"samples": 20, "prefill_chunk": 5}
+    assert {r["metric"] for r in rows} == {"accuracy", "token_accuracy", "answer_logprob"}
+    assert len(rows) == 2 * 2 * 3
+    for length in (12, 20):
+        for depth in (0.0, 1.0):
+            group = [s for s in samples if s["eval_len"] == length and s["depth"] == depth]
+            exact, token, logprob = [], [], []
+            for s in group:  # the reference: one full forward pass, all logits, log-softmax at the answer positions
+                with torch.no_grad():
+                    full = model(input_ids=torch.tensor([s["input_ids"] + s["answer_ids"]])).logits[0].double()
+                start, k = len(s["input_ids"]), len(s["answer_ids"])
+                at = full[start - 1:start - 1 + k]
+                hits = [int(at[i].argmax()) == s["answer_ids"][i] for i in range(k)]
+                exact.append(all(hits))
+                token.append(sum(hits) / k)
+                logprob.append(float(torch.log_softmax(at, -1)[range(k), s["answer_ids"]].mean()))
+            got = {r["metric"]: r for r in rows if r["eval_len"] == length and r["depth"] == depth}
+            assert all(r["n"] == 5 for r in got.values())
+            assert got["accuracy"]["value"] == sum(exact) / 5
+            assert (got["accuracy"]["ci_low"], got["accuracy"]["ci_high"]) == wilson(sum(exact), 5)
+            assert got["token_accuracy"]["value"] == pytest.approx(np.mean(token))
+            assert got["answer_logprob"]["value"] == pytest.approx(np.mean(logprob), rel=1e-5)
+            for name, values, clip in (("token_accuracy", token, True), ("answer_logprob", logprob, False)):
+                if np.std(values) == 0:
+                    continue
+                low, high = scipy.stats.t.interval(0.95, 4, loc=np.mean(values), scale=scipy.stats.sem(values))
+                if clip:
+                    low, high = max(0.0, low), min(1.0, high)
+                assert got[name]["ci_low"] == pytest.approx(low, rel=1e-4, abs=1e-6)
+                assert got[name]["ci_high"] == pytest.approx(high, rel=1e-4, abs=1e-6)
+    assert all(r["value"] >= 0.4 for r in rows if r["metric"] == "accuracy")  # the planted greedy answers count
+    assert all(r["value"] < 1 for r in rows if r["metric"] == "accuracy")
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor (in elements) that any aten operation returns while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.shape = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor) and leaf.numel() > self.largest:
+                self.largest, self.shape = leaf.numel(), tuple(leaf.shape)
+        return out
+
+
+@pytest.mark.parametrize("attention,prefill_chunk", [("exact", None), ("lm_infinite", None), ("lm_infinite", 1024)])
+def test_retrieval_scoring_at_4096_tokens_never_builds_full_vocabulary_logits(attention, prefill_chunk):
+    from methods import get_attention
+
+    vocab, T, rows = 4096, 4096, 2  # the tiny study's vocabulary at its longest retrieval length
+    model = tiny_llama(0, vocab=vocab, hidden=32, intermediate=64, layers=2, heads=2, window=256)
+    if attention == "lm_infinite":
+        get_attention(attention).apply(model, 256, 256, "frozen")
+    samples = _retrieval_samples(vocab, [T], [0.5], rows)
+    head_inputs = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: head_inputs.append(args[0].shape))
+    with LargestTensor() as largest:
+        scores = answer_scores(model, samples, prefill_chunk=prefill_chunk)
+    assert len(scores) == rows
+    assert head_inputs == [torch.Size([rows, 2, 32])]  # the output layer saw the answer positions only
+    assert largest.largest < T * vocab, f"a {largest.shape} tensor was built"  # not even one row's [T, vocab]
+    batch = torch.tensor([s["input_ids"] + s["answer_ids"] for s in samples])
+    with LargestTensor() as old_way, torch.no_grad():  # the test has teeth: full logits are that large
+        attention_of(model).logits(model, batch)
+    assert old_way.largest == rows * T * vocab
+
+
+def test_a_bad_prefill_chunk_stops_before_any_compute():
+    from workflow.config import ConfigError, compose, validate
+
+    validate(compose("micro", ["eval.prefill_chunk=null"]))  # null: the default chunk
+    for bad, message in (("0", "must be >= 1"), ("-4", "must be >= 1"), ("2.5", "must be an integer or null"),
+                         ("true", "must be an integer or null")):
+        with pytest.raises(ConfigError, match=f"eval.prefill_chunk {message}"):
+            validate(compose("micro", [f"eval.prefill_chunk={bad}"]))

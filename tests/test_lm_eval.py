@@ -10,7 +10,7 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from tests.helpers import stdlib_tokenizer, tiny_llama
+from tests.helpers import greedy_by_recomputation, stdlib_tokenizer, tiny_llama
 from workflow import lm_eval_suites
 from workflow.lm_eval_model import CellLM
 
@@ -80,7 +80,7 @@ def test_greedy_generation_matches_transformers_and_batches_rows_of_any_length(t
         assert answer == tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def test_loglikelihood_comes_from_the_attention_kinds_logits(tok_and_text, monkeypatch):
+def test_loglikelihood_comes_from_the_attention_kinds_answer_logits(tok_and_text, monkeypatch):
     tokenizer, text = tok_and_text
     model = _model(tokenizer, window=512)
     lm = CellLM(model=model, tokenizer=tokenizer, max_length=512, max_gen_toks=8)
@@ -89,10 +89,71 @@ def test_loglikelihood_comes_from_the_attention_kinds_logits(tok_and_text, monke
     from methods import attention_of
 
     kind = type(attention_of(model))
-    real, calls = kind.logits, []
-    monkeypatch.setattr(kind, "logits", lambda self, m, ids: calls.append(ids.shape) or real(self, m, ids) * 0.5)
+    real, calls = kind.answer_logits, []
+
+    def halved(self, m, ids, positions, **kw):
+        calls.append((ids.shape, positions.shape))
+        return real(self, m, ids, positions, **kw) * 0.5
+
+    monkeypatch.setattr(kind, "answer_logits", halved)
     after = lm.loglikelihood([request])[0][0]
+    n_cont = len(tokenizer.encode(text[:300] + " import")) - len(tokenizer.encode(text[:300]))
     assert calls and after != pytest.approx(before)
+    assert all(shape[1] == n_cont for _, shape in calls)  # logits of the continuation only, never the context
+
+
+@torch.no_grad()
+def test_loglikelihood_equals_full_logits_for_mixed_lengths_in_one_batch(tok_and_text):
+    tokenizer, text = tok_and_text
+    model = _model(tokenizer, window=512)
+    lm = CellLM(model=model, tokenizer=tokenizer, max_length=512, max_gen_toks=8, batch_size=3, prefill_chunk=32)
+    pairs = [(text[:300], " import"), (text[:300], " the parser"), (text[400:520].rstrip(), " def"), (text[800:900], " x")]
+    got = lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i)
+                            for i, p in enumerate(pairs)])
+    for (context, continuation), (logprob, greedy) in zip(pairs, got):
+        ctx, whole = tokenizer.encode(context), tokenizer.encode(context + continuation)
+        cont = whole[len(ctx):]
+        logits = model(input_ids=torch.tensor([whole])).logits[0, len(ctx) - 1:-1].double()  # the reference
+        expected = torch.log_softmax(logits, -1)[range(len(cont)), cont].sum()
+        assert logprob == pytest.approx(float(expected), rel=1e-5)
+        assert greedy == (logits.argmax(-1).tolist() == cont)
+    rolling = lm.loglikelihood_rolling([Instance(request_type="loglikelihood_rolling", doc={}, arguments=(text[:600],),
+                                                 idx=0)])[0]
+    ids = [lm.prefix_token_id] + tokenizer.encode(text[:600])  # lm-eval scores every token after a prefix token
+    assert len(ids) <= lm.max_length  # one rolling window
+    reference = torch.log_softmax(model(input_ids=torch.tensor([ids[:-1]])).logits[0].double(), -1)
+    assert rolling == pytest.approx(float(reference[range(len(ids) - 1), ids[1:]].sum()), rel=1e-5)
+
+
+def test_generation_prefills_once_then_feeds_one_token_per_step(tok_and_text):
+    tokenizer, text = tok_and_text
+    model = _model(tokenizer, window=512)
+    seen = _seen_lengths(model)
+    lm = CellLM(model=model, tokenizer=tokenizer, max_length=1024, max_gen_toks=8, prefill_chunk=128)
+    lm.generate_until([_gen(text[:1000], n=6)])
+    n = len(tokenizer.encode(text[:1000]))
+    assert seen == [128] * (n // 128) + [n % 128] * bool(n % 128) + [1] * 5
+
+
+@pytest.mark.parametrize("attention", ["lm_infinite", "exact"])
+def test_generation_equals_full_recomputation_and_stops_at_a_stop_sequence(tok_and_text, attention):
+    from methods import get_attention
+
+    tokenizer, text = tok_and_text
+    model = _model(tokenizer, window=512)
+    if attention == "lm_infinite":
+        get_attention("lm_infinite").apply(model, 64, 64, "frozen", n_local=48, n_global=4)
+    lm = CellLM(model=model, tokenizer=tokenizer, max_length=1024, max_gen_toks=12, batch_size=2, prefill_chunk=64)
+    prompts = [text[:700], text[1000:1300]]
+    free = lm.generate_until([_gen(p, n=10) for p in prompts])
+    for prompt, answer in zip(prompts, free):
+        ids = torch.tensor([tokenizer.encode(prompt)])
+        ref = greedy_by_recomputation(lambda x: model(input_ids=x).logits, ids, 10)[0]
+        assert answer == tokenizer.decode(ref, skip_special_tokens=True)
+    stop = free[0][len(free[0]) // 2:][:2]  # a stop sequence from the middle of the first answer
+    assert stop.strip()
+    cut = lm.generate_until([_gen(prompts[0], n=10, until=[stop])])[0]
+    assert cut == free[0][:free[0].index(stop)]
 
 
 def test_rows_from_lm_eval_results():

@@ -99,6 +99,35 @@ def test_save_reload_with_the_factors(tmp_path):
     assert not torch.allclose(before, logits(model_with([1.0] * 8), x))
 
 
+@pytest.mark.parametrize("short", ["ones", "long"])
+def test_chunked_prefill_and_cached_generation_equal_full_recomputation(short):
+    """transformers picks the short or long set per forward; a prompt longer than L prefilled in chunks of L/2 must
+    still get the long set in every chunk (fixed_length), and the decoding steps keep the prompt's set."""
+    from methods import EXACT
+
+    model = model_with([1.0, 1.1, 1.5, 2.0, 3.0, 4.0, 4.5, 5.0], short_factor=short)
+    prompt = torch.cat([random_ids(3 * L, 97, seed) for seed in (1, 2)])
+    generated = EXACT.greedy_generate(model, prompt, max_new_tokens=6, prefill_chunk=L // 2)
+    x = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            x = torch.cat([x, logits(model, x)[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, x[:, 3 * L:])
+    positions = torch.tensor([[0, L, 3 * L - 1]] * 2)
+    full = logits(model, prompt)
+    torch.testing.assert_close(EXACT.answer_logits(model, prompt, positions),
+                               torch.stack([full[r, positions[r]] for r in range(2)]), rtol=1e-4, atol=1e-4)
+    rotary = model.model.rotary_emb
+    before = rotary.inv_freq.clone()
+    with get_method("longrope").fixed_length(model, 3 * L):
+        cos, _ = rotary(torch.zeros(1, 1, 16), position_ids=torch.arange(4)[None])   # a short forward, long set
+    assert torch.equal(rotary.inv_freq, before) and rotary.rope_type == "longrope"
+    reference = theta(16) / torch.tensor([1.0, 1.1, 1.5, 2.0, 3.0, 4.0, 4.5, 5.0], dtype=torch.float64)
+    angles = torch.arange(4, dtype=torch.float64)[:, None] * reference[None]
+    su = math.sqrt(1 + math.log(4) / math.log(16))
+    torch.testing.assert_close(cos[0].double(), torch.cat([angles.cos()] * 2, -1) * su, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- the search
 
 PLANTED = [1.0, 1.0, 1.3, 2.0, 2.9, 3.8, 4.4, 4.9]

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.helpers import HOSTILE, build_study
+from tests.helpers import HOSTILE, build_study, link_problems
 
 from workflow import report, store
 from workflow.stages import publish
@@ -35,6 +35,10 @@ def test_publish_copies_every_study_and_indexes_them(tmp_path):
         assert (out / "metrics.duckdb").stat().st_size == (src / "metrics.duckdb").stat().st_size
         assert (out / report.EXPORT_DIR / "perplexity.parquet").exists()
         assert (out / "exports" / "metrics.csv").exists()
+        figures = sorted(p.name for p in (src / report.FIGURES_DIR).iterdir())
+        assert figures and sorted(p.name for p in (out / report.FIGURES_DIR).iterdir()) == figures
+        assert sorted(p.name for p in (out / report.DOCS_DIR).iterdir()) == sorted(report.DOCS)
+        assert link_problems((out / "report.html").read_text(), out) == []  # every link resolves where published
     index = (site / "index.html").read_text()
     assert 'href="alpha/report.html"' in index and 'href="beta/report.html"' in index
     assert 'href="beta/report_tables/claims.csv"' in index
@@ -63,3 +67,5 @@ def test_snakemake_publish_target_dry_run(tmp_path):
     assert "rule publish:" in out and re.search(r"^publish\s+1$", out, flags=re.M)
     assert f"-m workflow.stages.publish --study-dir results/micro --dest {tmp_path / 'site'}" in out
     assert "results/micro/report_tables" in out  # the report rule declares its exported tables
+    assert "results/micro/figures" in out  # ... and its standalone figures
+    assert "results/micro/docs" in out  # ... and the documents it links to

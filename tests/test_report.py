@@ -8,18 +8,20 @@ from html import escape, unescape
 from html.parser import HTMLParser
 
 import duckdb
+import html5lib
 import pytest
-from tests.helpers import (ABSENT_CELL, HOSTILE, HOSTILE_CELL, MISSING_CELL, PPL, RULER_CELLS, RULER_LENGTHS,
-                             RULER_TASKS, build_study, ruler_score)
+from tests.helpers import (ABSENT_CELL, HOSTILE, HOSTILE_CELL, MISSING_CELL, PPL, REPO, RULER_CELLS, RULER_LENGTHS,
+                           RULER_TASKS, build_study, link_problems, ruler_score)
 
-from workflow import report, store
+from workflow import report, stats, store
+from workflow.report import cells, charts, claims, formatting, queries, style
 from workflow.stages import report as report_stage
 
+REPORT_PACKAGE = REPO / "workflow" / "report"
 
-@pytest.fixture(scope="module")
-def rendered(tmp_path_factory):
-    root = tmp_path_factory.mktemp("report")
-    study = build_study(root / "results", hostile=True)
+
+def _render(root, hostile):
+    study = build_study(root / "results", hostile=hostile)
     db = study / "metrics.duckdb"
     store.ingest(study, db, echo=False)
     out = study / "report.html"
@@ -27,12 +29,35 @@ def rendered(tmp_path_factory):
     return out.read_text(), db
 
 
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """The fixture study with hostile strings (HTML in the study name, a cell id, a config value, a task name)."""
+    return _render(tmp_path_factory.mktemp("report"), hostile=True)
+
+
+@pytest.fixture(scope="module")
+def rendered_plain(tmp_path_factory):
+    return _render(tmp_path_factory.mktemp("report-plain"), hostile=False)
+
+
+def html_errors(html: str) -> list[str]:
+    """The parse errors of the HTML5 parsing algorithm (html5lib): misnested or stray end tags, unclosed elements at
+    the end of a section or of the body, bad attributes, ... each with its line and the text around it."""
+    parser = html5lib.HTMLParser(strict=False)
+    parser.parse(html)
+    lines = html.splitlines()
+    return [f"line {line}, col {col}: {code} {data or ''}: {lines[line - 1][max(0, col - 70):col + 10]!r}"
+            for (line, col), code, data in parser.errors]
+
+
 class TableCells(HTMLParser):
-    """Rows of (class attribute, text) of the first <table> after an element with the given id."""
+    """Rows of (class attribute, text) of the body cells (th and td) of the first <table> after an element with the
+    given id."""
 
     def __init__(self, section_id):
         super().__init__()
         self.section_id, self.state, self.rows, self.cell = section_id, "before", [], None
+        self.in_body = False
         self.in_ci = False  # the small confidence-interval line under a value is not part of its text
 
     def handle_starttag(self, tag, attrs):
@@ -41,17 +66,21 @@ class TableCells(HTMLParser):
             self.state = "section"
         elif self.state == "section" and tag == "table":
             self.state = "table"
+        elif self.state == "table" and tag == "tbody":
+            self.in_body = True
         elif self.state == "table" and tag == "tr":
             self.rows.append([])
-        elif self.state == "table" and tag == "td":
+        elif self.state == "table" and self.in_body and tag in ("td", "th"):
             self.cell = [attrs.get("class") or "", ""]
         elif tag == "span" and attrs.get("class") == "ci":
             self.in_ci = True
 
     def handle_endtag(self, tag):
-        if self.state == "table" and tag == "td":
+        if self.state == "table" and tag in ("td", "th") and self.cell is not None:
             self.rows[-1].append((self.cell[0], self.cell[1].strip()))
             self.cell = None
+        elif self.state == "table" and tag == "tbody":
+            self.in_body = False
         elif self.state == "table" and tag == "table":
             self.state = "done"
         elif tag == "span":
@@ -60,6 +89,27 @@ class TableCells(HTMLParser):
     def handle_data(self, data):
         if self.cell is not None and not self.in_ci:
             self.cell[1] += data
+
+
+class HeaderScopes(HTMLParser):
+    """(part of the table, scope) of every <th>, and the first cell of every body row as (tag, scope)."""
+
+    def __init__(self):
+        super().__init__()
+        self.part, self.scopes, self.row_starts, self.row_open = None, [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag in ("thead", "tbody"):
+            self.part = tag
+        elif tag == "tr":
+            self.row_open = True
+        elif tag in ("th", "td"):
+            if tag == "th":
+                self.scopes.append((self.part, attrs.get("scope")))
+            if self.row_open and self.part == "tbody":
+                self.row_starts.append((tag, attrs.get("scope"), attrs.get("colspan")))
+            self.row_open = False
 
 
 class Tags(HTMLParser):
@@ -90,7 +140,7 @@ def test_every_cell_appears_and_missing_is_marked(rendered):
     assert by_id[ABSENT_CELL][0][1].endswith("no cell record")  # expected by study.json, never produced
     assert all(text == "—" for _, text in by_id[MISSING_CELL][4:])
     for cell_id, status in ((MISSING_CELL, "missing results"), (ABSENT_CELL, "no cell record")):
-        assert re.search(rf'<tr class="missing">\s*<td class="cell-id">{cell_id} '
+        assert re.search(rf'<tr class="missing">\s*<th scope="row" class="cell-id">{cell_id} '
                          rf'<span class="badge">{status}</span>', html)
     assert "2 without results" in html
 
@@ -110,6 +160,17 @@ def test_best_value_per_perplexity_column_is_marked(rendered):
         for cell, (value, marked) in values.items():
             assert marked == (value == best), (col, cell)
     assert re.search(r'<td class="num beyond best"[^>]*><strong>152</strong><span class="ci">147–157</span></td>', html)
+
+
+def test_every_header_cell_has_a_scope(rendered):
+    html, _ = rendered
+    parser = HeaderScopes()
+    parser.feed(html)
+    assert len(parser.scopes) > 50
+    assert {scope for part, scope in parser.scopes if part == "thead"} == {"col", "colgroup"}
+    assert {scope for part, scope in parser.scopes if part == "tbody"} == {"row"}
+    # every body row is led by its row header, except a row that spans the table to say it is empty
+    assert all(cell == ("th", "row", None) for cell in parser.row_starts if cell[2] is None), parser.row_starts
 
 
 def test_training_length_and_beyond_are_marked(rendered):
@@ -139,13 +200,74 @@ def test_no_external_resources(rendered):
     tags.feed(html)
     assert not [t for t, attrs in tags.seen if "src" in attrs or "xlink:href" in attrs]
     hrefs = [attrs["href"] for t, attrs in tags.seen if "href" in attrs]
-    assert hrefs and all(h.startswith("#") for h in hrefs)
+    # links, not resources: anchors in the page, files beside it, and papers on arxiv.org
+    assert hrefs and all(h.startswith(("#", "figures/", "docs/", "https://arxiv.org/abs/")) for h in hrefs), hrefs
+    assert not [t for t, attrs in tags.seen if t in ("img", "image", "use", "source", "video", "audio")]
     assert "<style>" in html and ".best-key" in html  # the stylesheet is inline
+
+
+def chart_svgs(html):
+    return re.findall(r'<svg class="chart".*?</svg>', html, flags=re.S)
+
+
+@pytest.mark.parametrize("variant", ["plain", "hostile"])
+def test_every_link_resolves_in_the_output_folder(variant, rendered, rendered_plain):
+    html, db = rendered if variant == "hostile" else rendered_plain
+    assert link_problems(html, db.parent) == []
+    assert len(re.findall(r'href="figures/', html)) == len(chart_svgs(html))
+
+
+# The citable paper of each method (the Reddit posts of NTK-aware and Dynamic NTK are cited through the YaRN paper).
+PAPERS = {"pi": ("2306.15595", None), "ntk": ("2309.00071", "Sec. 3.1"), "dynamic_ntk": ("2309.00071", "Sec. 3.3"),
+          "yarn": ("2309.00071", None), "clex": ("2310.16450", None), "lm_infinite": ("2308.16137", None),
+          "landmark": ("2305.16300", None)}
+
+
+def test_methods_yaml_cites_each_method_on_arxiv():
+    methods, paper = cells.load_reference()
+    entries = {**methods["rope"], **methods["attention"]}
+    for name, (arxiv, section) in PAPERS.items():
+        assert (entries[name]["paper"]["arxiv"], entries[name]["paper"].get("section")) == (arxiv, section), name
+    assert all(e.get("paper") for name, e in entries.items() if name != "exact")
+    assert paper["arxiv"] == "2409.12181"  # LCEG, the reference study
+    with pytest.raises(ValueError, match="not an arXiv identifier"):
+        cells.paper_link({"arxiv": "javascript:alert(1)"})
+
+
+def test_method_overview_links_its_definition_and_paper(rendered):
+    html, db = rendered
+    body = re.search(r'<section id="cells">(.*?)</section>', html, flags=re.S).group(1)
+    rows = {re.sub(r"<svg.*?</svg>", "", m.group(1), flags=re.S): m.group(2)
+            for m in re.finditer(r'<th scope="row" class="cell-id">(.*?)</th>(.*?)</tr>', body, flags=re.S)}
+    expected = {"none-exact-256-frozen": ("§0", "2104.09864"), "pi-exact-512-ft": ("§2", "2306.15595"),
+                "ntk-exact-512-ft": ("§3.1", "2309.00071"), "yarn-exact-1024-ft": ("§4", "2309.00071")}
+    for cell_id, (section, arxiv) in expected.items():
+        assert f'<a href="docs/methods.md">{section}</a>' in rows[cell_id], cell_id
+        assert f'<a href="https://arxiv.org/abs/{arxiv}"' in rows[cell_id] and f">arXiv:<wbr>{arxiv}</a>" in rows[cell_id]
+    assert "Sec. 3.1" in rows["ntk-exact-512-ft"]
+    assert '<a href="docs/reference-study.md">docs/reference-study.md §7</a>' in html
+    assert '<a href="https://arxiv.org/abs/2409.12181">arXiv:2409.12181</a>' in html
+    for name in report.DOCS:  # the documents it links to, copied beside it, their own links intact
+        copy = db.parent / report.DOCS_DIR / name
+        assert copy.read_bytes() == (REPO / "docs" / name).read_bytes()
+        for target in re.findall(r"\]\(([^)\s#]+)", copy.read_text()):
+            assert target.startswith("https://") or (copy.parent / target).is_file(), (name, target)
+
+
+def test_the_link_check_finds_broken_links(tmp_path):
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "a.svg").write_text("<svg/>")
+    good = '<p id="x"></p><a href="#x">x</a><a href="figures/a.svg">a</a><a href="https://arxiv.org/abs/1">p</a>'
+    assert link_problems(good, tmp_path) == []
+    bad = ('<a href="#nowhere">1</a><a href="figures/b.svg">2</a><a href="http://example.org">3</a>'
+           '<a href="../secret.txt">4</a><img src="file:///etc/passwd"><a href="javascript:alert(1)">6</a>')
+    problems = link_problems(bad, tmp_path)
+    assert len(problems) == 6, problems
 
 
 def test_svgs_are_well_formed(rendered):
     html, _ = rendered
-    svgs = re.findall(r"<svg\b.*?</svg>", html, flags=re.S)
+    svgs = chart_svgs(html)
     # perplexity curves + 2 tasks x 4 cells with results + 2 training charts
     assert len(svgs) == 1 + 2 * 4 + 2
     for svg in svgs:
@@ -157,6 +279,132 @@ def test_svgs_are_well_formed(rendered):
     assert "drawn at the top edge" in html
     heat = ET.fromstring(svgs[1])
     assert len(heat.findall("rect")) == 4 * 3 and heat.find("title").text
+    keys = re.findall(r'<svg class="key".*?</svg>', html, flags=re.S)
+    assert len(keys) == 6 and all(ET.fromstring(k).get("aria-hidden") == "true" for k in keys)  # Table 1
+
+
+def _looks(element):
+    """(colour, marker shape, hollow) of the first marker in an SVG element."""
+    point = next(p for p in element.iter("path") if "point" in (p.get("class") or "").split())
+    shape = next(c for c in point.get("class").split() if c.startswith("point-"))
+    return point.get("stroke"), shape, point.get("fill") == "#ffffff"
+
+
+def legend(svg_text):
+    """{series name: (colour of its line, (colour, marker, hollow) of its marker)} of a line chart's legend."""
+    out = {}
+    for item in ET.fromstring(svg_text).iter("g"):
+        if item.get("class") == "legend-item":
+            out[item.find("text").text] = (item.find("line").get("stroke"), _looks(item))
+    return out
+
+
+def test_each_cell_looks_the_same_in_every_figure(rendered):
+    html, _ = rendered
+    svgs = chart_svgs(html)
+    ppl, finetune = legend(svgs[0]), legend(svgs[-1])
+    assert len(ppl) == 4 and len(finetune) == 4  # cells with perplexity; fine-tuned cells with a train log
+    assert len(set(ppl.values())) == len(ppl)  # no two cells alike
+    for name in set(ppl) & set(finetune):
+        assert ppl[name] == finetune[name], name
+    assert all(line == look[0] for line, look in [*ppl.values(), *finetune.values()])
+    # every heat-map panel carries its cell's marker; Table 1 holds the same keys
+    for svg in svgs[1:9]:
+        root = ET.fromstring(svg)
+        title = next(t.text for t in root.iter("text") if t.get("class") == "panel-title")
+        assert _looks(root) == ppl[title][1], title
+    table = {unescape(cell): ET.fromstring(key) for key, cell in
+             re.findall(r'<th scope="row" class="cell-id">(<svg class="key".*?</svg>)(.*?)</th>', html, flags=re.S)}
+    assert len(table) == 6
+    for name, (_, look) in ppl.items():
+        assert _looks(table[name]) == look, name
+    frozen = [k for k in table.values() if k.find("line").get("stroke-dasharray")]
+    assert len(frozen) == 1  # frozen cells' lines are dashed, in the key as in the charts
+
+
+def test_cell_styles_stay_distinct_for_a_large_grid():
+    styles = [style.cell_style(i) for i in range(style.DISTINCT)]
+    assert style.DISTINCT >= 30 and len(set(styles)) == style.DISTINCT
+    assert style.cell_style(style.DISTINCT) == styles[0]
+    for a, b in zip(styles, styles[1:]):  # neighbours differ in colour and in marker
+        assert a.color != b.color and a.marker != b.marker
+    for color in style.PALETTE:  # lines and markers stand out from the white page (WCAG 1.4.11: 3:1)
+        assert style.contrast_ratio(color, "#ffffff") >= 3, color
+    for marker in style.MARKERS:
+        assert style.marker_path(marker, 10, 10).startswith("M")
+
+
+def test_a_legend_of_many_cells_fits_and_keeps_them_apart():
+    series = [charts.Series(f"cell-{i:02d}-with-a-long-name", [(256, 10.0 + i), (512, 12.0 + i)],
+                            style.cell_style(i), band=[(256, 9.0 + i, 11.0 + i), (512, 11.0 + i, 13.0 + i)])
+              for i in range(32)]
+    chart = charts.line_chart(series, title="t", xlabel="x", ylabel="y", name="many", x_kind="log2")
+    root = ET.fromstring(chart.svg)
+    height = float(root.get("viewBox").split()[3])
+    entries = legend(chart.svg)
+    assert len(entries) == 32 and len(set(entries.values())) == 32
+    assert all(float(t.get("y")) < height - 4 for t in root.iter("text") if t.get("class") == "legend-label")
+    assert len([p for p in root.iter("path") if p.get("class") == "band"]) == 32
+
+
+def test_perplexity_curves_have_confidence_bands(rendered):
+    html, db = rendered
+    root = ET.fromstring(chart_svgs(html)[0])
+    bands = [p for p in root.iter("path") if p.get("class") == "band"]
+    lines = [p for p in root.iter("polyline")]
+    assert sorted(b.get("fill") for b in bands) == sorted(line.get("stroke") for line in lines)
+    for band, line in zip(sorted(bands, key=lambda e: e.get("fill")), sorted(lines, key=lambda e: e.get("stroke"))):
+        ys = [float(pt.split(",")[1]) for pt in band.get("d")[1:-2].split(" L")]
+        points = [tuple(map(float, pt.split(","))) for pt in line.get("points").split()]
+        n = len(ys) // 2
+        upper, lower = ys[:n], ys[n:][::-1]
+        assert n == len(points)  # one band vertex above and one below each point of the curve
+        assert all(hi <= y <= lo for hi, (_, y), lo in zip(upper, points, lower))  # pixels: the top is smaller
+        assert any(lo - hi > 0.5 for hi, lo in zip(upper, lower))
+
+
+def test_heatmap_labels_reach_wcag_contrast():
+    assert style.contrast_ratio("#000000", "#ffffff") == pytest.approx(21)
+    assert style.contrast_ratio("#777777", "#ffffff") == pytest.approx(4.48, abs=0.01)
+    assert style.contrast_ratio("#21918c", "#21918c") == 1
+    worst = min(style.contrast_ratio(style.text_color_on(charts.accuracy_color(k / 1000)), charts.accuracy_color(k / 1000))
+                for k in range(1001))
+    assert worst >= 4.5
+    # the rule it replaces: white below 60%, which gives about 3:1 around 55-60%
+    assert style.contrast_ratio("#ffffff", charts.accuracy_color(0.58)) < 4.5
+
+
+def test_rendered_heatmap_labels_contrast_with_their_squares(rendered):
+    html, _ = rendered
+    pairs = []
+    for svg in chart_svgs(html)[1:9]:
+        items = list(ET.fromstring(svg))
+        pairs += [(a.get("fill"), b.get("fill")) for a, b in zip(items, items[1:])
+                  if a.get("class") == "heat" and b.get("class") == "heat-label"]
+    assert len(pairs) == 8 * 12
+    assert all(style.contrast_ratio(text, square) >= 4.5 for square, text in pairs), pairs
+
+
+def test_figures_are_standalone_svg_files(rendered):
+    html, db = rendered
+    folder = db.parent / report.FIGURES_DIR
+    files = sorted(folder.glob("*.svg"))
+    linked = re.findall(r'<a class="svg-file" href="(figures/[^"]+)"|Standalone SVG: <a href="(figures/[^"]+)"', html)
+    linked = sorted(unescape(a or b) for a, b in linked)
+    assert [f"figures/{f.name}" for f in files] == linked and len(files) == len(chart_svgs(html))
+    assert sorted(p.name for p in folder.iterdir()) == [f.name for f in files]  # nothing else in the folder
+    ns = "{http://www.w3.org/2000/svg}"
+    for path in files:
+        text = path.read_text()
+        assert text.startswith('<?xml version="1.0" encoding="UTF-8"?>')
+        root = ET.fromstring(text.split("\n", 1)[1])
+        assert root.tag == f"{ns}svg" and len(root.get("viewBox").split()) == 4
+        assert float(root.get("width")) > 0 and float(root.get("height")) > 0
+        assert root.find(f"{ns}title").text and ".series" in root.find(f"{ns}style").text
+        assert not [e for e in root.iter() for k in e.attrib if k.endswith("href")]  # nothing to fetch
+        assert HOSTILE not in text and "<img" not in text
+    ppl = ET.fromstring((folder / "perplexity.svg").read_text().split("\n", 1)[1])
+    assert len(ppl.findall(f"{ns}polyline")) == 4
 
 
 def test_title_block_and_appendix(rendered):
@@ -169,6 +417,23 @@ def test_title_block_and_appendix(rendered):
     assert "Kendall τ" in html
 
 
+@pytest.mark.parametrize("variant", ["plain", "hostile"])
+def test_report_has_no_html_nesting_errors(variant, rendered, rendered_plain):
+    html, _ = rendered if variant == "hostile" else rendered_plain
+    assert html_errors(html) == []
+    html5lib.HTMLParser(strict=True).parse(html)  # raises html5lib.html5parser.ParseError on the first error
+
+
+def test_the_nesting_check_finds_planted_errors():
+    page = "<!DOCTYPE html><html lang=en><head><title>t</title></head><body><main>{}</main></body></html>"
+    assert html_errors(page.format("<section><div><p>x</p></div></section>")) == []
+    stray = html_errors(page.format("<section><table><tr><td>x</td></tr></table></div></section>"))
+    unclosed = html_errors(page.format("<section><div class=scroll><table></table></section><p>y</p>"))
+    assert stray and "div" in stray[0] and unclosed and "section" in unclosed[0]
+    with pytest.raises(html5lib.html5parser.ParseError):
+        html5lib.HTMLParser(strict=True).parse(page.format("<div></span></div>"))
+
+
 def test_report_opens_database_read_only(rendered, tmp_path, monkeypatch):
     _, db = rendered
     seen = []
@@ -178,7 +443,7 @@ def test_report_opens_database_read_only(rendered, tmp_path, monkeypatch):
         seen.append((str(path), kwargs.get("read_only")))
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(report.duckdb, "connect", spy)
+    monkeypatch.setattr(duckdb, "connect", spy)
     report.render_report(db, tmp_path / "r.html")
     assert seen == [(str(db), True), (":memory:", None)]  # the second one writes the exports
 
@@ -195,22 +460,59 @@ def test_empty_study_and_missing_db(tmp_path, capsys):
 
 
 def test_scales_and_helpers():
-    x = report.Scale(256, 4096, 0, 400, "log2")
+    x = charts.Scale(256, 4096, 0, 400, "log2")
     assert [label for _, label in x.ticks()] == ["256", "512", "1k", "2k", "4k"]
     assert x(256) == 0 and x(4096) == 400 and x(1024) == pytest.approx(200)
-    y = report.Scale(10, 10000, 300, 0, "log10")
+    y = charts.Scale(10, 10000, 300, 0, "log10")
     assert [label for _, label in y.ticks()] == ["10", "100", "1,000", "10,000"]
-    assert [label for _, label in report.Scale(0, 1, 0, 1).ticks()][:3] == ["0", "0.2", "0.4"]
-    assert report.kendall([1, 2, 3, 4], [4, 3, 2, 1])[0] == -1
-    assert report.kendall([1, 2, 3], [1, 2, 3])[0] == 1
-    assert report.kendall([1, 2], [1, 2]) == (None, None) and report.kendall([1, 2, 3], [5, 5, 5]) == (None, None)
-    assert report.accuracy_color(0) == "#440154" and report.accuracy_color(1) == "#fde725"
-    assert report.accuracy_color(0.5) == "#21918c"
-    assert report.fmt_num(27.46) == "27.5" and report.fmt_num(3.4e5) == "340,000"
-    assert set(report.load_queries()) >= {"cells", "length_values", "retrieval_grid", "runs"}
+    assert [label for _, label in charts.Scale(0, 1, 0, 1).ticks()][:3] == ["0", "0.2", "0.4"]
+    assert charts.accuracy_color(0) == "#440154" and charts.accuracy_color(1) == "#fde725"
+    assert charts.accuracy_color(0.5) == "#21918c"
+    assert formatting.fmt_num(27.46) == "27.5" and formatting.fmt_num(3.4e5) == "340,000"
+    assert set(queries.load_queries()) >= {"cells", "length_values", "retrieval_grid", "runs"}
     nested = {"b": [1, 2], "a": {"c": [{"d": None}], "e": ["x" * 60] * 3}, "f": []}
-    assert json.loads(report.pretty(nested)) == nested
-    assert '"b": [1, 2]' in report.pretty(nested)
+    assert json.loads(formatting.pretty(nested)) == nested
+    assert '"b": [1, 2]' in formatting.pretty(nested)
+
+
+def test_report_package_is_small_and_uses_the_study_statistics():
+    """No module of the report package is over 400 lines, and its statistics come from workflow.stats only: no scipy,
+    no statistics module, no median taken by indexing a sorted list."""
+    modules = sorted(REPORT_PACKAGE.glob("*.py"))
+    assert {m.stem for m in modules} >= {"__init__", "charts", "claims", "sections", "render"}
+    assert (REPORT_PACKAGE / "queries.sql").is_file()
+    for module in modules:
+        text = module.read_text()
+        assert len(text.splitlines()) <= 400, module.name
+        assert not re.search(r"^\s*(from|import) (scipy|statistics|numpy)\b", text, flags=re.M), module.name
+        assert not re.search(r"\[\s*len\([^)]*\)\s*//\s*2\s*\]", text), module.name
+
+
+def _evidence(cells, ppl=None, downstream=None, extrapolation_hard=1.5):
+    cells = [{"ok": True, "family": "exact", "regime": "finetuned", "rope": "pi", "attention": "exact", **c}
+             for c in cells]
+    return claims.Evidence(cells, ppl or {}, downstream or {}, "base", 256,
+                           {"significance": 0.05, "extrapolation_hard": extrapolation_hard})
+
+
+def test_claim_rules_take_the_median_of_an_even_count():
+    """With four cells the median is the mean of the two middle values (1.13 here), not the upper one (1.15)."""
+    rises = {"a": 1.0, "b": 1.11, "c": 1.15, "d": 1.3}
+    cells = [{"cell_id": "base", "regime": "frozen", "rope": "none", "train_len": 256}]
+    cells += [{"cell_id": cid, "train_len": 512} for cid in rises]
+    ppl = {("base", 512): 50.0, **{(cid, 512): 10.0 for cid in rises},
+           **{(cid, 1024): 10.0 * r for cid, r in rises.items()}}
+    verdict, text, _ = claims.rule_finetuned_within_not_beyond(_evidence(cells, ppl, extrapolation_hard=1.14), [])
+    assert "median 1.13×" in text and verdict == "not supported"  # the upper median 1.15 would pass 1.14
+    verdict, _, _ = claims.rule_finetuned_within_not_beyond(_evidence(cells, ppl, extrapolation_hard=1.12), [])
+    assert verdict == "supported"
+    # claim 2: best approximate cell 55% against exact fine-tuned cells 20/40/60/80% (median 50%, upper median 60%)
+    means = {"lm": 0.55, "a": 0.2, "b": 0.4, "c": 0.6, "d": 0.8}
+    cells = [{"cell_id": "lm", "family": "approximate", "regime": "frozen", "attention": "lm_infinite"}]
+    cells += [{"cell_id": cid} for cid in "abcd"]
+    verdict, text, _ = claims.rule_approximate_underperforms(_evidence(cells, downstream={"passkey": means}), [])
+    assert "median of 4 exact fine-tuned cells 50%" in text and verdict == "not supported"
+    assert stats.median([1.0, 1.11, 1.15, 1.3]) == pytest.approx(1.13)
 
 
 def section_tables(html, section_id):
@@ -358,6 +660,47 @@ def test_report_in_headless_chromium(rendered, tmp_path):
         width, height = map(int, size.split("x"))
         assert width > 0 and height > 0, sizes
     print(f"screenshot: {shot}")
+
+
+PDFTOTEXT = shutil.which("pdftotext")
+# Injected into a copy whose print rules apply on screen too, in a window as wide as an A4 page's text: after layout,
+# record every table or figure wider than the page and every closed <details> whose content takes no space.
+PRINT_PROBE = """<script>
+window.addEventListener("load", () => {
+  const width = document.documentElement.clientWidth, bad = [];
+  document.querySelectorAll("table, figure, pre, .scroll").forEach((e, i) => {
+    const r = e.getBoundingClientRect();
+    if (r.right > width + 1 || e.scrollWidth > e.clientWidth + 1) bad.push(e.tagName + i + ":" + Math.round(r.right));
+  });
+  document.querySelectorAll("details:not([open]) > :not(summary)").forEach((e, i) => {
+    if (e.getBoundingClientRect().height === 0) bad.push("details" + i);
+  });
+  document.body.setAttribute("data-print-problems", bad.join(",") || "none");
+});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None or PDFTOTEXT is None,
+                    reason="the print test needs Debian's chromium and poppler-utils (apt-get install chromium "
+                           "poppler-utils); not installed here")
+def test_printed_report_opens_every_details_and_clips_nothing(rendered, tmp_path):
+    html, _ = rendered
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run"]
+    page, pdf = tmp_path / "report.html", tmp_path / "report.pdf"
+    page.write_text(html)
+    subprocess.run([*flags, "--no-pdf-header-footer", f"--print-to-pdf={pdf}", page.as_uri()], capture_output=True,
+                   timeout=120)
+    text = subprocess.run([PDFTOTEXT, str(pdf), "-"], capture_output=True, text=True, timeout=60).stdout
+    # only inside collapsed <details>: the per-task tables, the rerun commands, the resolved configurations
+    assert "Table 4.1.1." in text and "--forcerun finetune evaluate" in text and '"steps": 30' in text
+    assert "Appendix A" in text and "Table A.3." in text
+    probed = tmp_path / "print-probed.html"
+    probed.write_text(html.replace("@media print {", "@media all {").replace("</body>", PRINT_PROBE + "</body>"))
+    # 703 px: the text width of an A4 page with the report's 12 mm side margins (186 mm at 96 px per inch)
+    dom = subprocess.run([*flags, "--hide-scrollbars", "--window-size=703,3000", "--dump-dom", probed.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert 'data-print-problems="none"' in dom.stdout, re.search(r'data-print-problems="[^"]*"', dom.stdout)
 
 
 def test_failed_cell_shows_its_reason(tmp_path):

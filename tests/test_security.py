@@ -9,7 +9,7 @@ from tests.helpers import REPO, tiny_llama
 from workflow.modeling import load_model
 from workflow.report import make_env
 
-SOURCES = sorted([*REPO.glob("workflow/*.py"), *REPO.glob("methods/*.py"), REPO / "Snakefile",
+SOURCES = sorted([*REPO.glob("workflow/**/*.py"), *REPO.glob("methods/**/*.py"), REPO / "Snakefile",
                   *REPO.glob("workflow/rules/*.smk")])
 
 
@@ -51,7 +51,7 @@ def test_only_the_store_opens_the_database_for_writing():
     assert re.search(r"output:\s*db=update\(f\"\{R\}/metrics.duckdb\"\)", rules["ingest"])
     assert "metrics.duckdb" not in rules["report"].split("output:")[1]
     assert "output:" not in rules["publish"]
-    writers = [p.name for p in REPO.glob("workflow/*.py")
+    writers = [p.name for p in REPO.glob("workflow/**/*.py")
                for m in re.finditer(r"duckdb\.connect\((.*)\)", p.read_text())
                if "read_only=True" not in m.group(1) and m.group(1) != '":memory:"']
     assert set(writers) == {"store.py"}  # ingest and the benchmark writer

@@ -169,30 +169,32 @@ def recompute_greedily(model, prompt, steps):
     return x[:, prompt.shape[1]:]
 
 
-def test_cached_greedy_generation_equals_full_recomputation():
+@pytest.mark.parametrize("prefill_chunk", [None, 4])
+def test_cached_greedy_generation_equals_full_recomputation(prefill_chunk):
+    """The kind's cached generation (the base class's, through transformers' cache of rotated keys; a chunked prefill
+    too) equals greedy decoding by full forward passes, token for token, once grouped positions are in use."""
+    from transformers import DynamicCache
+
     method = get_attention("self_extend")
     model = method.apply(tiny_model(seed=2), W0, W0, "frozen", group_size=2, window=4)
     prompt = ids(11, seed=7, rows=3)  # longer than W: the cached decoding steps use grouped positions
-    generated = method.greedy_generate(model, prompt, max_new_tokens=20)
+    generated = method.greedy_generate(model, prompt, max_new_tokens=20, prefill_chunk=prefill_chunk)
     assert generated.shape == (3, 20) and generated.dtype == torch.long
     assert torch.equal(generated, recompute_greedily(model, prompt, 20))
     # and the logits themselves: prefill + one-token cached steps equal one full forward pass
     x = torch.cat([prompt, generated], dim=1)
-    from transformers import DynamicCache
-
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         rows = [model(input_ids=x[:, :11], cache=cache, use_cache=True).logits]
         for t in range(11, x.shape[1]):
             rows.append(model(input_ids=x[:, t:t + 1], cache=cache, use_cache=True).logits)
-        assert cache.get_seq_length() == x.shape[1]
+    assert cache.get_seq_length() == x.shape[1]
     torch.testing.assert_close(torch.cat(rows, dim=1), logits(model, x), rtol=1e-4, atol=1e-4)
 
 
 def test_generation_stops_per_row_and_overall():
     method = get_attention("self_extend")
     model = method.apply(tiny_model(seed=2), W0, W0, "frozen", group_size=2, window=4)
-    model.config.pad_token_id = 0
     prompt = ids(9, seed=3, rows=2)
     full = method.greedy_generate(model, prompt, max_new_tokens=12)
     calls = []
@@ -201,18 +203,19 @@ def test_generation_stops_per_row_and_overall():
         calls.append(generated.shape[1])
         return torch.tensor([generated.shape[1] >= 3, generated.shape[1] >= 5])
 
-    cut = method.greedy_generate(model, prompt, max_new_tokens=12, stop=stop)
+    cut = method.greedy_generate(model, prompt, max_new_tokens=12, stop=stop, pad_id=0)
     assert calls == [1, 2, 3, 4, 5]  # called after every step, and decoding ends once every row has stopped
     assert torch.equal(cut[0, :3], full[0, :3]) and (cut[0, 3:] == 0).all()
     assert torch.equal(cut[1, :5], full[1, :5]) and (cut[1, 5:] == 0).all()
 
 
-def test_answer_logits_are_the_full_logits_at_those_positions():
+@pytest.mark.parametrize("prefill_chunk", [None, 7])
+def test_answer_logits_are_the_full_logits_at_those_positions(prefill_chunk):
     method = get_attention("self_extend")
     model = method.apply(tiny_model(), W0, W0, "frozen", group_size=2, window=4)
     x = ids(30, rows=2)
     positions = torch.tensor([[3, 17, 29], [0, 28, 5]])
-    got = method.answer_logits(model, x, positions)
+    got = method.answer_logits(model, x, positions, prefill_chunk=prefill_chunk)
     full = logits(model, x)
     assert got.shape == (2, 3, 97)
     expected = torch.stack([full[r, positions[r]] for r in range(2)])

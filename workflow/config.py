@@ -1,24 +1,41 @@
 """Compose the Hydra configuration of a study, validate it, and expand its grid into cells.
 
 Everything here runs at Snakemake parse time, so a bad configuration stops `snakemake -n` before any
-compute, with a message that names the offending key and value.
+compute, with a message that names the offending key and value. Validation is in two parts: the schema
+(workflow/schemas/config.schema.yaml: every key, its type and range, unknown and missing keys, the values of the
+registries) and the rules across keys below (`validate`, `expand_grid`).
 """
 from __future__ import annotations
 
+import difflib
+import functools
 import itertools
+import math
 import subprocess
 from pathlib import Path
 
 from methods import ATTENTIONS, METHODS, REGIMES, get_attention, get_method
 from workflow.common import RESULT_SCHEMA_VERSION, config_hash
+from workflow.corpus import SOURCES
 from workflow.modeling import MODEL_SOURCES
+from workflow.ruler import FAMILIES
 from workflow.runtime import ATTN_IMPLEMENTATIONS, DTYPES
 from workflow.tasks import TASKS, TaskConfigError
 from workflow.train import SCHEDULES
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO / "config"
+SCHEMA_FILE = REPO / "workflow" / "schemas" / "config.schema.yaml"
 AXES = ("rope", "attention", "train_len", "regime")
+
+# The registries whose names the schema takes (`x-registry: <name>` becomes an enum of the registry's values,
+# `x-properties-from: [<name>]` one property per value): each allowed value stays defined once, in its registry.
+REGISTRIES = {
+    "methods": METHODS, "attentions": ATTENTIONS, "regimes": REGIMES, "tasks": TASKS, "model_sources": MODEL_SOURCES,
+    "schedules": SCHEDULES, "dtypes": DTYPES, "attn_implementations": ATTN_IMPLEMENTATIONS,
+    "ruler_families": FAMILIES, "ruler_qa_families": [name for name, f in FAMILIES.items() if f.kind == "qa"],
+    "data_sources": SOURCES,
+}
 
 
 class ConfigError(ValueError):
@@ -26,7 +43,7 @@ class ConfigError(ValueError):
 
 
 def compose(study: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """The resolved configuration (a plain dict) of `study` with Hydra `overrides` applied."""
+    """The resolved configuration (a plain dict) of `study` with Hydra `overrides` applied, validated."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from omegaconf import OmegaConf
@@ -38,79 +55,199 @@ def compose(study: str | None = None, overrides: list[str] | tuple[str, ...] = (
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             cfg = hydra_compose(config_name="config", overrides=all_overrides)
             resolved = OmegaConf.to_container(cfg, resolve=True)
-    except Exception as exc:  # Hydra's own messages name the bad override; keep them, add context
-        raise ConfigError(f"cannot compose the configuration (overrides {all_overrides}): {exc}") from exc
+    except Exception as exc:  # an unknown key is named with the closest valid one; else Hydra's own message
+        unknown = [m for m in map(_unknown_override, all_overrides) if m]
+        raise ConfigError("; ".join(unknown) if unknown else
+                          f"cannot compose the configuration (overrides {all_overrides}): {exc}") from exc
     validate(resolved)
     return resolved
 
 
-def _positive_int(value, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
-    return value
-
-
 def validate(cfg: dict) -> None:
-    """Checks that do not need the grid: windows, lengths, steps."""
-    model, ev = cfg["model"], cfg["eval"]
-    _positive_int(model["base_window"], "model.base_window")
-    if model["source"] not in MODEL_SOURCES:
-        raise ConfigError(f"model.source must be one of {', '.join(MODEL_SOURCES)}, got {model['source']!r}")
+    """The schema, then the rules across keys: the model's source and shape, the tasks' own checks."""
+    check_schema(cfg)
+    model = cfg["model"]
     for source, key in (("gguf_package", "package"), ("hub", "hub_id")):
         if model["source"] == source and not model.get(key):
             raise ConfigError(f"model.source={source!r} needs model.{key}, got {model.get(key)!r}")
-    if model.get("dtype", "float32") not in DTYPES:
-        raise ConfigError(f"model.dtype must be one of {', '.join(DTYPES)}, got {model.get('dtype')!r}")
-    if model.get("attn_implementation", "sdpa") not in ATTN_IMPLEMENTATIONS:
-        raise ConfigError(f"model.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, "
-                          f"got {model.get('attn_implementation')!r}")
     if model["source"] == "hf_dir":
-        path = model.get("path")
+        path = model["path"]
         if not path or not (Path(path) / "config.json").is_file():
             raise ConfigError(f"model.path={path!r} is not a Hugging Face checkpoint directory (no config.json)")
-    if not isinstance(ev["lengths"], list) or not ev["lengths"]:
-        raise ConfigError(f"eval.lengths must be a non-empty list, got {ev['lengths']!r}")
-    for i, n in enumerate(ev["lengths"]):
-        _positive_int(n, f"eval.lengths[{i}]")
-    for i, n in enumerate(ev["retrieval"]["lengths"]):
-        _positive_int(n, f"eval.retrieval.lengths[{i}]")
-    for i, d in enumerate(ev["retrieval"]["depths"]):
-        if not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
-            raise ConfigError(f"eval.retrieval.depths[{i}] must be in [0, 1], got {d!r}")
-    trained = ("pretrain", "finetune") if cfg["model"]["source"] == "scratch" else ("finetune",)
-    for stage in trained:  # an imported base model is not pretrained: its pretrain keys are unused
-        _positive_int(cfg[stage]["steps"], f"{stage}.steps")
-        _positive_int(cfg[stage]["checkpoint_every"], f"{stage}.checkpoint_every")
-        lr = cfg[stage]["lr"]
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr < float("inf"):
-            raise ConfigError(f"{stage}.lr must be a positive finite number, got {lr!r}")
-        if cfg[stage]["schedule"] not in SCHEDULES:
-            raise ConfigError(f"{stage}.schedule={cfg[stage]['schedule']!r} is not known; valid: "
-                              f"{', '.join(SCHEDULES)}")
-    _validate_tasks(ev)
-
-
-def _validate_tasks(ev: dict) -> None:
-    """eval.tasks names registered tasks (workflow.tasks); each task checks its own part of `eval`."""
-    unknown = [t for t in ev["tasks"] if t not in TASKS]
-    if unknown:
-        raise ConfigError(f"eval.tasks has unknown task(s) {unknown}; valid: {', '.join(TASKS)}")
-    if not isinstance(ev.get("chat_template", False), bool):
-        raise ConfigError(f"eval.chat_template must be true or false, got {ev['chat_template']!r}")
-    if "ruler" in ev["tasks"] or "lm_eval" in ev["tasks"]:
-        _positive_int(ev["max_gen_toks"], "eval.max_gen_toks")
-        _positive_int(ev["gen_batch_size"], "eval.gen_batch_size")
-    if "ruler" in ev["tasks"]:
-        for i, n in enumerate(ev["ruler"]["lengths"]):
-            _positive_int(n, f"eval.ruler.lengths[{i}]")
-        _positive_int(ev["ruler"]["samples"], "eval.ruler.samples")
-    for name in ev["tasks"]:
+    for whole, part in (("hidden_size", "num_attention_heads"), ("num_attention_heads", "num_key_value_heads")):
+        if model[whole] % model[part]:
+            raise ConfigError(f"model.{whole}={model[whole]} must be a multiple of model.{part}={model[part]}")
+    if model["source"] == "scratch" and cfg["pretrain"]["lr"] <= 0:  # imported models are not pretrained
+        raise ConfigError(f"pretrain.lr must be > 0 when model.source is 'scratch', got {cfg['pretrain']['lr']!r}")
+    for name in cfg["eval"]["tasks"]:  # each task checks its own part of `eval` (workflow.tasks)
         try:
-            TASKS[name].validate(ev)
+            TASKS[name].validate(cfg["eval"])
         except TaskConfigError as exc:
             raise ConfigError(str(exc)) from None
 
 
+# --- the schema -------------------------------------------------------------------------------------------------
+@functools.cache
+def schema() -> dict:
+    """The configuration schema with the registries' values filled in (read once; do not modify it)."""
+    import yaml
+
+    raw = yaml.safe_load(SCHEMA_FILE.read_text())
+    raw.pop("x-anchors", None)  # YAML anchors the schema reuses, not a schema keyword
+    return _fill_registries(raw)
+
+
+def _fill_registries(node):
+    if isinstance(node, list):
+        return [_fill_registries(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _fill_registries(value) for key, value in node.items()}
+    if "x-registry" in node:
+        node["enum"] = list(REGISTRIES[node["x-registry"]])
+    if "x-properties-from" in node:
+        node["properties"] = {name: node["x-property"] for registry in node["x-properties-from"]
+                              for name in REGISTRIES[registry]}
+    return node
+
+
+@functools.cache
+def _validator():
+    """A draft 2020-12 validator of the schema whose integers are ints (not 256.0) and numbers finite (not inf)."""
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    checker = base.TYPE_CHECKER.redefine_many({
+        "integer": lambda _, x: isinstance(x, int) and not isinstance(x, bool),
+        "number": lambda _, x: isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)})
+    cls = jsonschema.validators.extend(base, type_checker=checker)
+    cls.check_schema(schema())
+    # without `$schema`, which would make jsonschema pick its own draft 2020-12 class (and type checker) again
+    return cls({key: value for key, value in schema().items() if key != "$schema"})
+
+
+def schema_problems(instance, prefix: tuple[str, ...] = ()) -> list[str]:
+    """One message per problem of `instance` against the schema (or against the part of it at key path `prefix`)."""
+    validator = _validator()
+    for key in prefix:
+        validator = validator.evolve(schema=validator.schema["properties"][key])
+    errors = validator.iter_errors(instance)
+    problems = []
+    for error in sorted(errors, key=lambda e: [(isinstance(p, int), p) for p in e.absolute_path]):
+        problems += [m for m in _describe(error, prefix) if m not in problems]
+    return problems
+
+
+def check_schema(instance, prefix: tuple[str, ...] = ()) -> None:
+    """ConfigError naming every problem of `instance` against the schema (see `schema_problems`)."""
+    problems = schema_problems(instance, prefix)
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems:\n  " + "\n  ".join(problems))
+
+
+_TYPE_WORDS = {"integer": "an integer", "number": "a finite number", "string": "a string",
+               "boolean": "true or false", "array": "a list", "object": "a mapping", "null": "null"}
+_BOUNDS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+
+
+def _describe(error, prefix) -> list[str]:
+    """What is wrong, in words, naming the full key path (e.g. `eval.lengths[1]`)."""
+    path = [*prefix, *error.absolute_path]
+    where, value, kind, rule = _dotted(path), error.instance, error.validator, error.validator_value
+    if kind == "additionalProperties":
+        known = list(error.schema.get("properties", {}))
+        return [_unknown_key(path, key, known) for key in value if key not in known]
+    if kind == "required":
+        return [f"{_dotted([*path, key])} is required but missing ({error.schema['properties'][key]['description']})"
+                for key in rule if key not in value]
+    if kind == "anyOf":  # explain the branch(es) of the value's own type, else what the types are
+        fits = [i for i, branch in enumerate(rule) if _has_type(branch, value) and "const" not in branch]
+        if not fits:
+            return [f"{where} must be {_either([_accepts(branch) for branch in rule])}, got {value!r}"]
+        return [m for e in error.context if e.relative_schema_path[0] in fits for m in _describe(e, prefix)]
+    if kind == "type":
+        return [f"{where} must be {_accepts({'type': rule})}, got {value!r}"]
+    if kind == "enum":
+        hint = _closest(value, rule)
+        return [f"{where} must be one of {', '.join(map(str, rule))}, got {value!r}"
+                + (f"; did you mean {hint!r}?" if hint else "")]
+    if kind == "const":
+        return [f"{where} must be {rule!r}, got {value!r}"]
+    if kind in _BOUNDS:
+        return [f"{where} must be {_BOUNDS[kind]} {rule}, got {value!r}"]
+    if kind in ("minItems", "maxItems"):
+        if kind == "minItems" and rule == 1:
+            return [f"{where} must not be empty"]
+        return [f"{where} must have {'at least' if kind == 'minItems' else 'at most'} {rule} items, got {value!r}"]
+    if kind == "uniqueItems":
+        return [f"{where} repeats an item: {value!r}"]
+    if kind == "pattern":
+        return [f"{where}={value!r} must match {rule}"]
+    return [f"{where or 'the configuration'}: {error.message}"]
+
+
+def _dotted(path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _closest(value, options) -> str | None:
+    if not isinstance(value, str):
+        return None
+    match = difflib.get_close_matches(value, [str(o) for o in options], n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _unknown_key(parent: list, key: str, known: list[str]) -> str:
+    hint = _closest(key, known)
+    if hint:
+        return f"{_dotted([*parent, key])} is not a known key; did you mean {_dotted([*parent, hint])}?"
+    return f"{_dotted([*parent, key])} is not a known key; valid keys{' of ' + _dotted(parent) if parent else ''}: " \
+           f"{', '.join(known)}"
+
+
+def _has_type(branch: dict, value) -> bool:
+    types = branch.get("type")
+    if types is None:
+        return True
+    checker = _validator().TYPE_CHECKER
+    return any(checker.is_type(value, t) for t in ([types] if isinstance(types, str) else types))
+
+
+def _accepts(branch: dict) -> str:
+    if "const" in branch:
+        return repr(branch["const"])
+    types = branch.get("type", [])
+    return _either([_TYPE_WORDS[t] for t in ([types] if isinstance(types, str) else types)])
+
+
+def _either(words: list[str]) -> str:
+    return " or ".join(words) if len(words) < 3 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
+def _unknown_override(override: str) -> str | None:
+    """The unknown-key message for an override Hydra could not apply because its key does not exist (Hydra's
+    own message suggests appending the key with `+`, which the schema would then reject), or None."""
+    key = override.lstrip("~+").split("=", 1)[0]
+    parts = key.split(".")
+    if "@" in key or parts[0] == "hydra" or (len(parts) == 1 and (CONFIG_DIR / key).is_dir()):  # a config group
+        return None
+    node, path = schema(), []
+    for part in parts:
+        known = node.get("properties")
+        if known is None:  # a list or a map below this key: nothing to name
+            return None
+        if part not in known:
+            return _unknown_key(path, part, list(known))
+        node, path = known[part], [*path, part]
+    return None
+
+
+# --- the grid ---------------------------------------------------------------------------------------------------
 def cell_id(rope: str, attention: str, train_len: int, regime: str) -> str:
     """The readable slug of a cell, e.g. `yarn-exact-1024-ft`."""
     return f"{rope}-{attention}-{train_len}-{'ft' if regime == 'finetuned' else 'frozen'}"
@@ -122,29 +259,15 @@ def _as_list(value) -> list:
 
 def expand_grid(cfg: dict) -> list[dict]:
     """All cells of the study's grid, validated, in config order (duplicates are an error)."""
+    check_schema(cfg["grid"], ("grid",))  # also for a grid built in code: known keys, every axis, known names
     base_window = cfg["model"]["base_window"]
     cells, seen = [], {}
     for index, entry in enumerate(cfg["grid"]):
         where = f"grid[{index}]"
-        unknown = set(entry) - set(AXES) - {"params", "attention_params"}
-        if unknown:
-            raise ConfigError(f"{where} has unknown key(s) {sorted(unknown)}; valid: {', '.join(AXES)}, params, "
-                              "attention_params")
-        missing = [a for a in AXES if a not in entry]
-        if missing:
-            raise ConfigError(f"{where} is missing axis/axes {missing}")
         lists = [_as_list(entry[a]) for a in AXES]
         for rope, attention, train_len, regime in itertools.product(*lists):
-            if rope not in METHODS:
-                raise ConfigError(f"{where}.rope={rope!r} is not a known method; valid: {', '.join(METHODS)}")
-            if attention not in ATTENTIONS:
-                raise ConfigError(
-                    f"{where}.attention={attention!r} is not a known attention; valid: {', '.join(ATTENTIONS)}")
-            if regime not in REGIMES:
-                raise ConfigError(f"{where}.regime={regime!r} is not valid; valid: {', '.join(REGIMES)}")
             if train_len == "base":
                 train_len = base_window
-            _positive_int(train_len, f"{where}.train_len")
             if rope == "none" and attention == "exact" and regime == "finetuned":
                 raise ConfigError(f"{where}: a fine-tuned cell needs a method (rope 'none' with exact attention "
                                   "and regime 'finetuned' would only continue pretraining)")
@@ -168,8 +291,6 @@ def expand_grid(cfg: dict) -> list[dict]:
             cells.append({"cell_id": cid, "rope": rope, "attention": attention, "train_len": train_len,
                           "regime": regime, "base_window": base_window, "method_params": params,
                           "attention_params": attention_params})
-    if not cells:
-        raise ConfigError("the grid is empty")
     return cells
 
 
@@ -177,7 +298,7 @@ def _method_params(cfg, rope, base_window, train_len, regime, entry_params, wher
     """The method's resolved hyperparameters: its own defaults < config/method < grid entry params."""
     method = get_method(rope)
     params = dict(method.defaults(original_window=base_window, target_window=train_len, regime=regime))
-    params.update(cfg.get("method", {}).get(rope) or {})
+    params.update(cfg["method"].get(rope) or {})
     params.update(entry_params)
     head_dim = cfg["model"]["hidden_size"] // cfg["model"]["num_attention_heads"]
     try:  # validates names and values now, before any compute
@@ -190,7 +311,7 @@ def _method_params(cfg, rope, base_window, train_len, regime, entry_params, wher
 
 def _attention_params(cfg, attention, base_window, train_len, regime, entry_params, where) -> dict:
     """The attention kind's resolved parameters: its own defaults < config/method < grid entry attention_params."""
-    overrides = {**(cfg.get("method", {}).get(attention) or {}), **entry_params}
+    overrides = {**(cfg["method"].get(attention) or {}), **entry_params}
     try:
         return get_attention(attention).resolve(base_window, train_len, regime, **overrides)
     except (TypeError, ValueError) as exc:

@@ -4,9 +4,14 @@ the evaluate stage dispatches through).
 - ppl: perplexity at every evaluation length on the same held-out tokens (fixed document spans of
   the longest length, cut into windows of each length), the loss averaged over all tokens of each
   window (LCEG's protocol); the same spans for every cell.
-- passkey, needle: retrieval accuracy on the data stage's length x depth grids. A sample counts as
-  correct when the model's argmax at every answer position is the answer token, which is exactly
-  greedy decoding's exact match, computed in one forward pass.
+- passkey, needle: retrieval on the data stage's length x depth grids, three metrics per cell of the grid:
+  `accuracy`, exact match (the model's argmax at every answer position is the answer token, which is exactly
+  greedy decoding's exact match, computed in one pass; Wilson interval); `token_accuracy`, the share of answer
+  tokens that are the argmax given the true answer tokens before them (mean over samples, t-interval over
+  samples, clipped to [0, 1]); `answer_logprob`, the answer's mean log-probability per token under teacher
+  forcing (mean over samples, t-interval over samples). The logits come from the attention kind's
+  `answer_logits`: the output layer at the answer positions only, so no [rows, T, vocab] tensor is built (the
+  decoder in one pass, or in chunks of `eval.prefill_chunk` tokens for a kind with a bounded cache).
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from methods import AttentionMethod, attention_of
+from methods.attention import check_prefill_chunk
 from workflow.corpus import document_bounds
 from workflow.stats import t_interval, wilson
 
@@ -90,16 +96,53 @@ def evaluate_ppl(model, tokens: np.ndarray, eos_id: int, cfg: dict) -> tuple[lis
 
 
 @torch.no_grad()
-def answers_correct(model, samples: list[dict]) -> list[bool]:
-    """For same-length samples: is the argmax at every answer position the answer token?"""
+def answer_scores(model, samples: list[dict], prefill_chunk: int | None = None) -> list[dict]:
+    """For samples of equal total length (prompt + answer): per sample {correct: exact match of greedy decoding,
+    token_accuracy: the share of answer tokens that are the argmax, logprob: the answer's mean log-probability per
+    token}, teacher-forced. The logits are computed at the answer positions only (`answer_logits`)."""
     batch = torch.tensor([s["input_ids"] + s["answer_ids"] for s in samples], dtype=torch.long, device=model.device)
-    logits = attention_of(model).logits(model, batch)
+    widest = max(len(s["answer_ids"]) for s in samples)
+    positions = torch.tensor([[len(s["input_ids"]) - 1 + min(i, len(s["answer_ids"]) - 1) for i in range(widest)]
+                              for s in samples], dtype=torch.long, device=model.device)
+    logits = attention_of(model).answer_logits(model, batch, positions, prefill_chunk=prefill_chunk)
+    logprobs = F.log_softmax(logits, dim=-1)
     out = []
-    for row, s in zip(range(len(samples)), samples):
-        start = len(s["input_ids"])
-        predicted = logits[row, start - 1:start - 1 + len(s["answer_ids"])].argmax(-1).tolist()
-        out.append(predicted == s["answer_ids"])
+    for row, s in enumerate(samples):
+        answer = torch.tensor(s["answer_ids"], dtype=torch.long, device=logits.device)
+        k = len(answer)
+        hits = logits[row, :k].argmax(-1) == answer
+        out.append({"correct": bool(hits.all()), "token_accuracy": float(hits.float().mean()),
+                    "logprob": float(logprobs[row, :k].gather(-1, answer[:, None]).mean())})
     return out
+
+
+def answers_correct(model, samples: list[dict], prefill_chunk: int | None = None) -> list[bool]:
+    """For same-length samples: is the argmax at every answer position the answer token?"""
+    return [s["correct"] for s in answer_scores(model, samples, prefill_chunk)]
+
+
+def _clipped(interval: tuple[float, float, float]) -> tuple[float, float]:
+    _, low, high = interval
+    return (low if math.isnan(low) else max(0.0, low)), (high if math.isnan(high) else min(1.0, high))
+
+
+def retrieval_rows(scores: dict[tuple[int, float], list[dict]]) -> list[dict]:
+    """Tidy rows per (length, depth) from per-sample scores: accuracy (exact match, Wilson), token_accuracy and
+    answer_logprob (means over samples with t-intervals; token accuracy clipped to [0, 1])."""
+    rows = []
+    for (length, depth), group in sorted(scores.items()):
+        n = len(group)
+        correct = sum(s["correct"] for s in group)
+        low, high = wilson(correct, n)
+        token = [s["token_accuracy"] for s in group]
+        mean_token = t_interval(token)
+        mean_lp, lp_low, lp_high = t_interval([s["logprob"] for s in group])
+        cell = {"eval_len": length, "depth": depth, "n": n}
+        rows.append({**cell, "metric": "accuracy", "value": correct / n, "ci_low": low, "ci_high": high})
+        rows.append({**cell, "metric": "token_accuracy", "value": mean_token[0],
+                     **dict(zip(("ci_low", "ci_high"), _clipped(mean_token)))})
+        rows.append({**cell, "metric": "answer_logprob", "value": mean_lp, "ci_low": lp_low, "ci_high": lp_high})
+    return rows
 
 
 def evaluate_retrieval(model, path: Path, cfg: dict) -> tuple[list[dict], dict]:
@@ -107,16 +150,10 @@ def evaluate_retrieval(model, path: Path, cfg: dict) -> tuple[list[dict], dict]:
     by_len = defaultdict(list)
     for s in samples:
         by_len[s["eval_len"]].append(s)
-    tally = defaultdict(lambda: [0, 0])
+    scores = defaultdict(list)
     for length in tqdm(sorted(by_len), desc=Path(path).stem, mininterval=5.0):
         group = by_len[length]
         for chunk in _batches(group, length, cfg["batch_tokens"]):
-            for s, ok in zip(chunk, answers_correct(model, chunk)):
-                tally[(length, s["depth"])][0] += int(ok)
-                tally[(length, s["depth"])][1] += 1
-    rows = []
-    for (length, depth), (correct, n) in sorted(tally.items()):
-        low, high = wilson(correct, n)
-        rows.append({"eval_len": length, "depth": depth, "metric": "accuracy", "value": correct / n, "n": n,
-                     "ci_low": low, "ci_high": high})
-    return rows, {"samples": len(samples)}
+            for s, score in zip(chunk, answer_scores(model, chunk, cfg.get("prefill_chunk"))):
+                scores[(length, s["depth"])].append(score)
+    return retrieval_rows(scores), {"samples": len(samples), "prefill_chunk": check_prefill_chunk(cfg.get("prefill_chunk"))}

@@ -13,6 +13,10 @@ rule base:
         **RESOURCES["base"],
     log:
         f"{R}/logs/base.log",
+    benchmark:
+        f"{R}/benchmarks/base.tsv"
+    conda:
+        "../../envs/ctxext.yaml"
     threads: CFG["pretrain"]["threads"]
     shell:
         WRITE_CONFIG + " && {PY} -m workflow.stages.base --config {params.cfg_file} --data-dir {R}/data --out {R}/base "

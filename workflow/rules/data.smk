@@ -13,6 +13,10 @@ rule data:
         **RESOURCES["data"],
     log:
         f"{R}/logs/data.log",
+    benchmark:
+        f"{R}/benchmarks/data.tsv"
+    conda:
+        "../../envs/ctxext.yaml"
     threads: 2
     shell:
         WRITE_CONFIG + " && {PY} -m workflow.stages.data --config {params.cfg_file} --out {R}/data " + TEE

@@ -11,8 +11,10 @@ rule cell_config:
         f"{R}/cells/{{cell}}/cell.json",
     params:
         record=lambda w: json.dumps(cell_record(CFG, CELLS[w.cell], VERSION), sort_keys=True),
+    log:
+        f"{R}/logs/cell_config/{{cell}}.log",
     shell:
-        "printf '%s\\n' {params.record:q} > {output}"
+        "printf '%s\\n' {params.record:q} > {output} 2> {log}"
 
 
 rule evaluate:
@@ -30,6 +32,10 @@ rule evaluate:
         **RESOURCES["evaluate"],
     log:
         f"{R}/logs/evaluate/{{cell}}.log",
+    benchmark:
+        f"{R}/benchmarks/evaluate/{{cell}}.tsv"
+    conda:
+        "../../envs/ctxext.yaml"
     threads: CFG["eval"]["threads"]
     shell:
         WRITE_CONFIG + " && {PY} -m workflow.stages.evaluate --config {params.cfg_file} --data-dir {R}/data "

@@ -12,6 +12,10 @@ rule finetune:
         **RESOURCES["finetune"],
     log:
         f"{R}/logs/finetune/{{finetuned_cell}}.log",
+    benchmark:
+        f"{R}/benchmarks/finetune/{{finetuned_cell}}.tsv"
+    conda:
+        "../../envs/ctxext.yaml"
     threads: CFG["finetune"]["threads"]
     shell:
         WRITE_CONFIG + " && " + LAUNCH_FINETUNE + " -m workflow.stages.finetune --config {params.cfg_file} --data-dir {R}/data "

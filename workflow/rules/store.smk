@@ -61,5 +61,7 @@ rule ingest:
         db=update(f"{R}/metrics.duckdb"),
     log:
         f"{R}/logs/ingest.log",
+    conda:
+        "../../envs/ctxext.yaml"
     shell:
         "{PY} -m workflow.stages.ingest --study-dir {R} --db {output.db} 2> >(tee -a {log} >&2)"

@@ -1,5 +1,5 @@
-"""Publish stage: copy a study's report, its exported tables and its database into a folder ready for
-static hosting (<dest>/<study>/), and (re)write <dest>/index.html listing every study published there."""
+"""Publish stage: copy a study's report, its exported tables, its figures, the documents it links to and its
+database into a folder ready for static hosting (<dest>/<study>/), and (re)write <dest>/index.html listing every study published there."""
 from __future__ import annotations
 
 import argparse
@@ -10,10 +10,11 @@ from pathlib import Path
 
 from markupsafe import Markup
 
-from workflow.report import EXPORT_DIR, TEMPLATES_DIR, make_env
+from workflow.report import DOCS_DIR, EXPORT_DIR, FIGURES_DIR, TEMPLATES_DIR, make_env
 
-# What a study folder contributes: the report, its tables, the store's metric exports, the database.
-ITEMS = ("report.html", EXPORT_DIR, "exports", "metrics.duckdb")
+# What a study folder contributes: the report, its tables, its figures (standalone SVG), the documents it links to,
+# the store's metric exports, the database.
+ITEMS = ("report.html", EXPORT_DIR, FIGURES_DIR, DOCS_DIR, "exports", "metrics.duckdb")
 
 
 def _copy(src: Path, dst: Path) -> None:
@@ -48,7 +49,7 @@ def write_index(dest: Path, templates_dir: Path = TEMPLATES_DIR) -> Path:
 
 
 def publish(study_dir: Path, dest: Path) -> Path:
-    """Copy results/<study>/{report.html, report_tables, exports, metrics.duckdb} to <dest>/<study>/."""
+    """Copy results/<study>/{report.html, report_tables, figures, docs, exports, metrics.duckdb} to <dest>/<study>/."""
     study_dir, dest = Path(study_dir), Path(dest)
     if not (study_dir / "report.html").exists():
         raise FileNotFoundError(f"no report at {study_dir / 'report.html'}; run the report stage first")

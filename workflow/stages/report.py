@@ -1,5 +1,6 @@
-"""Report stage: render a study's metrics.duckdb (opened read-only) into one self-contained HTML file and its
-tables (see `workflow.report`).
+"""Report stage: render a study's metrics.duckdb (opened read-only) into one self-contained HTML file, and beside it
+its tables (report_tables/), its figures as standalone SVG (figures/) and the documents it links to (docs/); see
+`workflow.report`.
 
     python -m workflow.stages.report --db results/tiny/metrics.duckdb --out results/tiny/report.html
 """

@@ -1,4 +1,4 @@
--- Every query of the report, one named section each ("-- name: <key>"). workflow/report.py runs
+-- Every query of the report, one named section each ("-- name: <key>"). workflow/report/queries.py runs
 -- them by name against metrics.duckdb opened read-only; `?` marks a bound parameter.
 
 -- name: schema_version

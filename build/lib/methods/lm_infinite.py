@@ -1,0 +1,190 @@
+"""`lm_infinite`: LM-Infinite's Λ-shaped attention with a distance ceiling (Han et al. 2023; docs/methods.md §6).
+
+A query at position m sees
+
+- the `n_local` most recent keys (m - j < n_local) at their true relative positions, and
+- the first `n_global` tokens (j < n_global) that have left that local window, placed at relative distance
+  min(m - j, distance_cap) ("distance ceiling"),
+
+in one joint softmax; every other key is dropped. A global token still inside the local window is counted once
+(as a local key). For n <= n_local nothing is dropped or moved, so the model is exactly the base model.
+
+The distance of a global token is min(m - j, cap). With cap <= n_local (the paper's and LCEG's setting, and
+the default cap = n_local) every global token that is not local has m - j >= n_local >= cap, so it sits at
+exactly cap, as in the official code. The official code uses min(cap, n - 1) for all queries of a forward
+pass instead, which depends on the sequence length and so would make cached decoding differ from
+recomputation when cap > n_local; this module uses the per-query form, which never does.
+
+How it plugs in: an attention function registered with transformers' `AttentionInterface` under
+`ATTN_IMPLEMENTATION`; `install_hooks` switches the model to it (`set_attn_implementation`). The model's
+attention layers hand it queries and keys already rotated by RoPE at their true positions (the cache holds
+rotated keys). Local scores use them as they are. For a capped score the key is rotated back to position 0
+and the query to position cap, both with pure rotations by the rotary module's current `inv_freq`, so the
+score is exactly <R(cap θ) q, k> times the cos/sin magnitude squared (e.g. YaRN's mscale²), the same
+magnitude as the local scores. This works with any RoPE method that keeps transformers' rotation layout.
+
+Cost: queries are processed in blocks; each block attends to its band of at most block + n_local - 1 keys plus
+the n_global global keys. Time O(n (block + n_local + n_global)), extra memory O(block (block + n_local +
+n_global)) per head: no n x n mask or score matrix is built. Decoding costs O(n_local + n_global) per token.
+
+Limits: batches must be unpadded and positions contiguous from 0 (padding raises); full rotary dimension only.
+"""
+from __future__ import annotations
+
+import weakref
+from numbers import Integral
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from .attention import AttentionMethod
+
+ATTN_IMPLEMENTATION = "ctxext_lm_infinite"  # the name registered with transformers' AttentionInterface
+_OWNER = "_ctxext_rotary_owner"  # attribute on each attention layer: weak reference to the module holding rotary_emb
+
+
+def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotate `x` [..., T, d] by `angles` [T, d/2] in transformers' rotate-half layout (dimension k pairs with
+    k + d/2); a pure rotation (no cos/sin magnitude). Computed in float32."""
+    x = x.float()
+    cos, sin = torch.cat([angles.cos()] * 2, dim=-1), torch.cat([angles.sin()] * 2, dim=-1)
+    half = x.shape[-1] // 2
+    rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated_half * sin
+
+
+def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[b, h_kv, T, d] -> [b, h_kv * groups, T, d] (grouped-query attention)."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def block_size(n_local: int) -> int:
+    """Query block length: n_local clamped to [64, 1024] (small blocks for big windows keep memory low)."""
+    return max(64, min(int(n_local), 1024))
+
+
+def lm_infinite_scores_attention(query, key, value, inv_freq, n_local: int, n_global: int, distance_cap: int,
+                                 scaling: float, block: int | None = None, dropout: float = 0.0,
+                                 training: bool = False) -> torch.Tensor:
+    """LM-Infinite attention of the last q_len positions of a causal sequence of n_kv tokens at positions
+    0 .. n_kv - 1.
+
+    query [b, h, q_len, d] and key [b, h_kv, n_kv, d] are rotated by RoPE at their true positions, value is
+    [b, h_kv, n_kv, d], inv_freq [d/2] the frequencies they were rotated with. Returns [b, q_len, h, d] in the
+    query's dtype (the layout transformers' attention functions return).
+    """
+    b, h, q_len, d = query.shape
+    n_kv = key.shape[2]
+    if inv_freq.numel() * 2 != d:
+        raise ValueError(f"lm_infinite: needs the full rotary dimension (inv_freq has {inv_freq.numel()} "
+                         f"frequencies for head_dim {d})")
+    if q_len > n_kv:
+        raise ValueError(f"lm_infinite: {q_len} queries but only {n_kv} keys")
+    groups = h // key.shape[1]
+    device = query.device
+    inv_freq = inv_freq.to(device=device, dtype=torch.float32)
+    first = n_kv - q_len  # absolute position of the first query
+    block = min(q_len, block or block_size(n_local))
+    n_glob = min(n_global, n_kv)
+    has_global = n_glob > 0 and n_kv - 1 >= n_local  # some query sees a global token outside its window
+    if has_global:
+        gpos = torch.arange(n_glob, device=device)
+        k_glob = key[:, :, :n_glob]
+        k_glob0 = _repeat_heads(rotate(k_glob, -gpos[:, None].float() * inv_freq), groups)  # rotated to position 0
+        k_glob = _repeat_heads(k_glob.float(), groups)
+        v_glob = _repeat_heads(value[:, :, :n_glob].float(), groups)
+
+    out = torch.empty(b, q_len, h, d, dtype=query.dtype, device=device)
+    for start in range(0, q_len, block):
+        stop = min(start + block, q_len)
+        qpos = torch.arange(first + start, first + stop, device=device)
+        lo, hi = max(0, first + start - n_local + 1), first + stop  # the band of keys this block can see locally
+        q = query[:, :, start:stop].float()
+        k = _repeat_heads(key[:, :, lo:hi].float(), groups)
+        v = _repeat_heads(value[:, :, lo:hi].float(), groups)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+        dist = qpos[:, None] - torch.arange(lo, hi, device=device)[None, :]
+        scores = scores.masked_fill((dist < 0) | (dist >= n_local), float("-inf"))
+        if has_global and first + stop - 1 >= n_local:
+            gdist = qpos[:, None] - gpos[None, :]
+            q_cap = rotate(q, (distance_cap - qpos)[:, None].float() * inv_freq)  # query moved to position cap
+            glob = torch.matmul(q_cap, k_glob0.transpose(-1, -2)) * scaling
+            if distance_cap > n_local:  # global tokens closer than the cap keep their true distance
+                true = torch.matmul(q, k_glob.transpose(-1, -2)) * scaling
+                glob = torch.where(gdist >= distance_cap, glob, true)
+            glob = glob.masked_fill(gdist < n_local, float("-inf"))  # still local (or future): counted once
+            scores = torch.cat([glob, scores], dim=-1)
+            v = torch.cat([v_glob, v], dim=-2)
+        probs = F.dropout(torch.softmax(scores, dim=-1), p=dropout, training=training)
+        out[:, start:stop] = torch.matmul(probs, v).transpose(1, 2).to(query.dtype)
+    return out
+
+
+def lm_infinite_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0,
+                          **kwargs):
+    """The attention function registered as `ATTN_IMPLEMENTATION` (transformers' calling convention)."""
+    record = getattr(module.config, "ctxext_attention", None) or {}
+    owner = getattr(module, _OWNER, None)
+    if record.get("attention") != "lm_infinite" or owner is None or owner() is None:
+        raise RuntimeError("lm_infinite attention is not installed on this model; use "
+                           "methods.get_attention('lm_infinite').apply(model, ...) or methods.restore(model)")
+    if attention_mask is not None:
+        raise ValueError("lm_infinite supports unpadded inputs only (got an attention mask with padding)")
+    n_kv, q_len = key.shape[2], query.shape[2]
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None:
+        expected = torch.arange(n_kv - q_len, n_kv, device=position_ids.device)
+        if position_ids.shape[-1] != q_len or not bool((position_ids == expected).all()):
+            raise ValueError("lm_infinite needs contiguous positions 0 .. n-1 (no left padding or packing)")
+    params = record["params"]
+    out = lm_infinite_scores_attention(query, key, value, owner().rotary_emb.inv_freq, params["n_local"],
+                                       params["n_global"], params["distance_cap"], scaling, dropout=dropout,
+                                       training=module.training)
+    return out, None
+
+
+def _padding_only_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                       attention_mask=None, **kwargs):
+    """Mask builder for `ATTN_IMPLEMENTATION`: None for unpadded inputs (causality is built into the attention
+    function), else the 2-D padding mask, which the attention function rejects with a clear message."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+AttentionInterface.register(ATTN_IMPLEMENTATION, lm_infinite_attention)
+AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _padding_only_mask)
+
+
+class LMInfinite(AttentionMethod):
+    name = "lm_infinite"
+    description = ("LM-Infinite: n_local recent keys plus the first n_global tokens at a capped distance, "
+                   "one softmax, linear memory.")
+    regimes = ("frozen",)
+
+    def _defaults(self, base_window, train_len, regime):
+        return {"n_local": int(base_window), "n_global": 10, "distance_cap": int(base_window)}
+
+    def _validate(self, params, base_window, train_len):
+        for key, least in (("n_local", 1), ("n_global", 0), ("distance_cap", 1)):
+            value = params[key]
+            if not isinstance(value, Integral) or isinstance(value, bool) or value < least:
+                raise ValueError(f"lm_infinite: {key} must be an integer >= {least}, got {value!r}")
+        return {key: int(value) for key, value in params.items()}
+
+    def install_hooks(self, model) -> None:
+        """Point every attention layer at the module that owns the rotary embedding and switch the model's
+        attention implementation to `ATTN_IMPLEMENTATION` (idempotent)."""
+        inner = getattr(model, "model", model)
+        if not hasattr(inner, "rotary_emb"):
+            raise ValueError(f"lm_infinite: {type(model).__name__} has no rotary embedding module (model.rotary_emb)")
+        ref = weakref.ref(inner)
+        for layer in inner.layers:
+            setattr(layer.self_attn, _OWNER, ref)
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+METHOD = LMInfinite()

@@ -1,0 +1,131 @@
+"""The study's cells and how the report describes them: method labels, families, the method overview's text (from
+reports/reference/methods.yaml), the base model and the data."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from workflow.report.charts import legend_key
+from workflow.report.formatting import as_json, compact_params, fmt_count, fmt_num
+from workflow.report.queries import Db
+from workflow.report.style import cell_style
+
+REPO = Path(__file__).resolve().parents[2]
+REFERENCE_DIR = REPO / "reports" / "reference"   # methods.yaml (overview text), paper.yaml (published numbers)
+
+ROPE_LABELS = {"none": "RoPE (base)", "pi": "PI", "ntk": "NTK", "dynamic_ntk": "Dynamic NTK",
+               "yarn": "YaRN", "clex": "CLEX"}
+ATTENTION_LABELS = {"exact": "exact", "lm_infinite": "LM-Infinite", "landmark": "Landmark"}
+ARXIV_ID = re.compile(r"\d{4}\.\d{4,5}")
+
+
+def method_label(rope: str, attention: str) -> str:
+    rope_label = ROPE_LABELS.get(rope, rope)
+    if attention == "exact":
+        return rope_label
+    attn = ATTENTION_LABELS.get(attention, attention)
+    return attn if rope == "none" else f"{rope_label} + {attn}"
+
+
+def paper_link(paper: dict) -> dict:
+    """A methods.yaml `paper` entry with its arXiv URL; an id that is not of arXiv's form stops the report."""
+    arxiv = str(paper["arxiv"])
+    if not ARXIV_ID.fullmatch(arxiv):
+        raise ValueError(f"methods.yaml: {arxiv!r} is not an arXiv identifier (e.g. 2309.00071)")
+    return {"arxiv": arxiv, "url": f"https://arxiv.org/abs/{arxiv}", "cite": paper.get("cite"),
+            "section": paper.get("section")}
+
+
+def describe_model(model: dict, base_window) -> str:
+    model = model or {}
+    parts = []
+    name = model.get("name") or model.get("architecture")
+    if model.get("n_params") is not None:
+        parts.append(f"{fmt_count(model['n_params'])} parameters")
+    layers = model.get("num_hidden_layers", model.get("layers"))
+    if layers is not None:
+        parts.append(f"{layers} layers")
+    hidden = model.get("hidden_size", model.get("hidden"))
+    if hidden is not None:
+        parts.append(f"hidden size {hidden}")
+    heads = model.get("num_attention_heads", model.get("heads"))
+    if heads is not None:
+        parts.append(f"{heads} heads")
+    if model.get("vocab_size") is not None:
+        parts.append(f"vocabulary {model['vocab_size']:,}")
+    if base_window is not None:
+        parts.append(f"base window {base_window:,} tokens")
+    return (f"{name}: " if name else "") + ", ".join(parts) if parts or name else "not recorded"
+
+
+def token_counts(data: dict) -> dict[str, int]:
+    """Tokens per split from the manifest summary: data.splits.<split>.tokens, data.token_counts
+    or data.tokens (a split -> count mapping)."""
+    if isinstance(data.get("splits"), dict):
+        counts = {k: v.get("tokens", v.get("n_tokens")) for k, v in data["splits"].items()
+                  if isinstance(v, dict)}
+        return {k: v for k, v in counts.items() if v is not None}
+    for key in ("token_counts", "tokens"):
+        if isinstance(data.get(key), dict):
+            return dict(data[key])
+    return {}
+
+
+def describe_data(data: dict) -> dict:
+    data = data or {}
+    share = data.get("passkey_share")
+    if share is not None and share > 1:
+        share = share / 100
+    order = ("train", "validation", "test")
+    counts = sorted(token_counts(data).items(),
+                    key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
+    return {"source": data.get("source") or "not recorded", "description": data.get("description"),
+            "tokens": [(k, fmt_count(v)) for k, v in counts],
+            "passkey_share": None if share is None else f"{100 * share:g}%"}
+
+
+def load_reference(directory: Path = REFERENCE_DIR) -> tuple[dict, dict]:
+    """(methods.yaml, paper.yaml): the method overview text and the reference study's numbers."""
+    return tuple(yaml.safe_load((directory / name).read_text()) for name in ("methods.yaml", "paper.yaml"))
+
+
+def load_cells(db: Db, expected: list[str], methods: dict) -> list[dict]:
+    """Every stored cell, then every cell study.json expects but the store never saw (status says so)."""
+    cells = db.rows("cells")
+    seen = {c["cell_id"] for c in cells}
+    for cid in expected or []:
+        if cid not in seen:
+            cells.append({"cell_id": cid, "study": None, "rope": None, "attention": None, "train_len": None,
+                          "regime": "—", "base_window": None, "method_params": None, "attention_params": None,
+                          "config_hash": None, "code_version": None, "train_wall_s": None,
+                          "train_tokens_per_s": None, "train_peak_mem_mb": None, "status": "no cell record",
+                          "status_reason": None})
+    for i, c in enumerate(cells):
+        rope = methods["rope"].get(c["rope"], {})
+        attn = methods["attention"].get(c["attention"], {})
+        known = c["rope"] is not None
+        c["method"] = method_label(c["rope"], c["attention"]) if known else "—"
+        c["family"] = ("approximate" if "approximate" in (rope.get("family"), attn.get("family")) else "exact") \
+            if known else "—"
+        c["changes"] = "; ".join(d["changes"] for d, name in ((rope, c["rope"]), (attn, c["attention"]))
+                                 if d and name not in ("none", "exact")) or (rope.get("changes", "—"))
+        c["params_added"] = ", ".join(sorted({d.get("params_added", "none") for d in (rope, attn)} - {"none"})) \
+            or ("none" if known else "—")
+        parts = [d for d, name in ((rope, c["rope"]), (attn, c["attention"])) if d and name not in ("none", "exact")]
+        parts = parts or ([rope] if rope else [])   # the unmodified model: RoPE's own entry
+        c["specs"] = [d["spec"] for d in parts if d.get("spec")]
+        c["spec"] = ", ".join(c["specs"]) or "—"
+        c["papers"] = [paper_link(d["paper"]) for d in parts if d.get("paper")]
+        c["params"] = compact_params({**(as_json(c["method_params"]) or {}), **(as_json(c["attention_params"]) or {})})
+        c["scale"] = fmt_num(c["train_len"] / c["base_window"]) if c["base_window"] and c["train_len"] else "—"
+        c["hash"] = (c["config_hash"] or "—")[:12]
+        c["style"] = cell_style(i)  # the same colour and marker in every figure
+        c["color"] = c["style"].color
+        c["key"] = legend_key(c["style"], dashed=c["regime"] == "frozen")
+        c["ok"] = c["status"] == "ok"
+        c["status_text"] = c["status"] + (f": {c['status_reason']}" if c.get("status_reason") else "")
+    return cells
+
+

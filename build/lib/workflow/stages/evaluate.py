@@ -1,0 +1,55 @@
+"""Evaluate stage: score one cell on every task of the study (`eval.tasks`, dispatched through the registry in
+`workflow.tasks`) and write one JSON file of tidy rows per task (`<cell>/eval/<task>.json`).
+
+    python -m workflow.stages.evaluate --config evaluate.json --data-dir results/tiny/data \
+        --model results/tiny/cells/yarn-exact-1024-ft/model --out results/tiny/cells/yarn-exact-1024-ft/eval
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from workflow.common import (RESULT_SCHEMA_VERSION, log, peak_memory_mb, read_json, run_cell_stage, set_threads,
+                             stage_parser, write_json)
+from workflow.modeling import cell_model
+from workflow.resources import ensure_eval_fits
+from workflow.tasks import EvalContext, get_task
+
+
+def headline(task: str, rows: list[dict]) -> str:
+    """One log line of a task's rows: perplexity or score per length, accuracy per length at the first depth."""
+    first_depth = rows[0].get("depth") if rows else None
+    return ", ".join(f"{r.get('task', task)}@{r['eval_len']}:{r['value']:.3g}" for r in rows
+                     if r["metric"] in ("ppl", "score") or (r["metric"] == "accuracy" and r.get("depth") == first_depth))
+
+
+def evaluate_cell(cfg: dict, data_dir: Path, model_dir: Path, out_dir: Path, tasks: list[str] | None = None) -> None:
+    ev = cfg["eval"]
+    tasks = [get_task(name) for name in (tasks or ev["tasks"])]
+    model = cell_model(cfg, model_dir)
+    ensure_eval_fits(model, ev["lengths"] + ev["retrieval"]["lengths"], ev["batch_tokens"])
+    ctx = EvalContext(cfg, model, model_dir, data_dir)
+    for task in tasks:
+        t0 = time.perf_counter()
+        rows, meta = task.run(ctx)
+        wall = time.perf_counter() - t0
+        meta.update({"wall_s": round(wall, 2), "peak_mem_mb": round(peak_memory_mb(), 1),
+                     "threads": torch.get_num_threads()})
+        write_json(out_dir / f"{task.name}.json", {"schema_version": RESULT_SCHEMA_VERSION, "cell_id": cfg["cell_id"],
+                                                   "task": task.name, "rows": rows, "meta": meta})
+        log(f"{cfg['cell_id']} {task.name} ({wall:.0f} s): {headline(task.name, rows)}")
+
+
+def main(argv=None) -> None:
+    parser = stage_parser(__doc__, "the cell's eval directory")
+    parser.add_argument("--model", required=True, type=Path, help="fine-tuned cell model, or the base model")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    cfg = read_json(args.config)
+    run_cell_stage("evaluate", cfg, args.out.parent, lambda: evaluate_cell(cfg, args.data_dir, args.model, args.out))
+
+
+if __name__ == "__main__":
+    main()

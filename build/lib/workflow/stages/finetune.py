@@ -1,0 +1,69 @@
+"""Fine-tune stage: apply a cell's method to the base model and train it with the controlled recipe
+(the same tokens, order, steps, optimiser, schedule and seed for every method). Saves
+`<cell>/model` so that it reloads with plain `AutoModelForCausalLM.from_pretrained`.
+
+    python -m workflow.stages.finetune --config finetune.json --data-dir results/tiny/data \
+        --base results/tiny/base/model --out results/tiny/cells/yarn-exact-1024-ft
+
+Under `torchrun`/`accelerate launch` (`finetune.launcher`) each process trains its share of every step's rows
+on an FSDP2-sharded model (`workflow.distributed`); rank 0 writes the outputs.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from methods import attention_of
+from workflow.batches import finetune_batches
+from workflow import distributed
+from workflow.common import run_cell_stage, stage_parser, read_json, set_threads, write_json
+from workflow.modeling import apply_cell_method, load_model, save_model_dir
+from workflow.retrieval import PasskeyMixer
+from workflow.train import remove_checkpoint, train
+
+
+def finetune_cell(cfg: dict, data_dir: Path, base_dir: Path, out: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    ft, model_cfg = cfg["finetune"], cfg["base"]["model"]
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    # float32 master weights on the device; model.dtype is the autocast compute dtype (auto: bf16 on CUDA)
+    model = load_model(base_dir, model_cfg.get("attn_implementation", "sdpa"), "float32", to_device=True)
+    torch.manual_seed(ft["seed"])  # a method's new parameters (CLEX's ODE) start the same in every run
+    model = apply_cell_method(model, cfg)
+    tokens = np.load(data_dir / "train.npy", mmap_mode="r")
+    mixer = PasskeyMixer(tokenizer, seed=ft["seed"], share=cfg["base"]["data"]["passkey_share"])
+    batches = finetune_batches(tokens, cfg["train_len"], ft["tokens_per_step"], mixer)
+    attention = attention_of(model)  # e.g. Landmark inserts its tokens and keeps them out of the loss
+    summary = train(model, batches, {**ft, "dtype": model_cfg.get("dtype", "float32")}, out, label=f"finetune {cfg['cell_id']}",
+                    inputs_fn=lambda batch: attention.training_inputs(model, batch))
+    if distributed.active():
+        weights = distributed.full_model_state(model)   # every process takes part; rank 0 gets the weights
+        if distributed.is_main():
+            save_model_dir(model, tokenizer, out / "model", state_dict=weights)
+        torch.distributed.barrier()
+    else:
+        save_model_dir(model, tokenizer, out / "model")
+    if distributed.is_main():
+        remove_checkpoint(out)
+        write_json(out / "finetune_config.json", cfg)
+    return summary
+
+
+def main(argv=None) -> None:
+    parser = stage_parser(__doc__, "the cell's directory")
+    parser.add_argument("--base", required=True, type=Path, help="the base model directory")
+    args = parser.parse_args(argv)
+    set_threads(args.threads)
+    cfg = read_json(args.config)
+    distributed.init_from_env()   # before the model is loaded: on CUDA it picks this process's GPU
+    try:
+        run_cell_stage("finetune", cfg, args.out, lambda: finetune_cell(cfg, args.data_dir, args.base, args.out))
+    finally:
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,520 @@
+"""The store: ingest a study's result files into metrics.duckdb (the ingest stage, `workflow.stages.ingest`, is
+the only writer of the database; the report only reads it).
+
+Every ingest runs in one transaction: a failure leaves the previous database as it was. Result files
+that cannot be read (invalid JSON, missing keys, unknown schema version) are named, skipped and
+counted; the rows stored from them earlier are kept. Re-running never duplicates rows.
+
+A cell whose fine-tuning or evaluation stopped (`cells/<cell>/failed.json`, written by the stage: a
+diverged loss, a length that does not fit in memory) gets status 'failed' and the stage's reason in
+`cells.status_reason`; its metrics are not stored (old ones are removed), its training log is.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import secrets
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import duckdb
+
+from methods.rope import REGIMES
+from workflow.common import RESULT_SCHEMA_VERSION
+
+SCHEMA_VERSION = 3        # version of the database schema created below (2: metrics.suite,
+                          # 3: cells.status_reason)
+BASE_CELL_ID = "base"     # train_log rows of the base model's pretraining
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS schema_info(version INTEGER);
+CREATE TABLE IF NOT EXISTS runs(
+    run_id VARCHAR PRIMARY KEY, study VARCHAR, started_at TIMESTAMP, code_version VARCHAR,
+    hardware VARCHAR, config JSON);
+CREATE TABLE IF NOT EXISTS cells(
+    cell_id VARCHAR PRIMARY KEY, study VARCHAR, rope VARCHAR, attention VARCHAR, train_len INTEGER,
+    regime VARCHAR, base_window INTEGER, method_params JSON, config JSON, config_hash VARCHAR,
+    code_version VARCHAR, train_wall_s DOUBLE, train_tokens_per_s DOUBLE, train_peak_mem_mb DOUBLE,
+    status VARCHAR, status_reason VARCHAR);
+CREATE TABLE IF NOT EXISTS train_log(
+    cell_id VARCHAR, step INTEGER, loss DOUBLE, lr DOUBLE, tokens_per_s DOUBLE, peak_mem_mb DOUBLE,
+    elapsed_s DOUBLE, PRIMARY KEY(cell_id, step));
+CREATE TABLE IF NOT EXISTS metrics(
+    cell_id VARCHAR, task VARCHAR, eval_len INTEGER, depth DOUBLE, metric VARCHAR, value DOUBLE,
+    n INTEGER, ci_low DOUBLE, ci_high DOUBLE, wall_s DOUBLE, source VARCHAR, suite VARCHAR);
+CREATE TABLE IF NOT EXISTS study(key VARCHAR PRIMARY KEY, value JSON);
+CREATE TABLE IF NOT EXISTS benchmarks(
+    run_id VARCHAR, study VARCHAR, measured_at TIMESTAMP, hardware VARCHAR, phase VARCHAR, cell_id VARCHAR,
+    rope VARCHAR, attention VARCHAR, seq_len INTEGER, rows INTEGER, tokens_per_s DOUBLE, peak_mem_mb DOUBLE,
+    mfu DOUBLE, flops_per_token DOUBLE, throughput_vs_base DOUBLE, memory_vs_base DOUBLE, config JSON,
+    PRIMARY KEY(run_id, phase, cell_id, seq_len));
+"""
+
+TABLES = ("cells", "metrics", "train_log", "runs", "study")
+
+EXPORT_QUERY = """
+SELECT m.cell_id, c.rope, c.attention, c.train_len, c.regime, m.suite, m.task, m.eval_len, m.depth, m.metric,
+       m.value, m.n, m.ci_low, m.ci_high, m.wall_s, m.source
+FROM metrics m LEFT JOIN cells c USING (cell_id)
+ORDER BY m.cell_id, m.task, m.metric, m.eval_len, m.depth NULLS FIRST
+"""
+
+
+class StoreError(RuntimeError):
+    """The database cannot be written (newer schema, locked, not a study directory)."""
+
+
+class BadFile(ValueError):
+    """A result file that cannot be ingested; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading and validating result files (no database involved)
+# ----------------------------------------------------------------------------------------------
+
+def _load_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BadFile(f"invalid JSON ({exc})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadFile(f"unreadable ({exc})") from None
+    if not isinstance(obj, dict):
+        raise BadFile(f"expected a JSON object, found {type(obj).__name__}")
+    return obj
+
+
+def _require(obj: dict, keys: tuple[str, ...]) -> None:
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        raise BadFile(f"missing key(s) {', '.join(missing)}")
+
+
+def _check_version(obj: dict) -> None:
+    _require(obj, ("schema_version",))
+    if obj["schema_version"] != RESULT_SCHEMA_VERSION:
+        raise BadFile(f"schema_version {obj['schema_version']!r} is not the supported "
+                      f"version {RESULT_SCHEMA_VERSION}")
+
+
+def _number(value, what: str, optional: bool = True) -> float | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise BadFile(f"{what} must be a number, found {value!r}")
+    return float(value)
+
+
+def _integer(value, what: str, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise BadFile(f"{what} must be an integer, found {value!r}")
+    return int(value)
+
+
+def read_cell(path: Path, cell_dir_name: str) -> dict:
+    """Validated cell.json."""
+    cell = _load_json(path)
+    _check_version(cell)
+    _require(cell, ("cell_id", "rope", "attention", "train_len", "regime"))
+    if cell["cell_id"] != cell_dir_name:
+        raise BadFile(f"cell_id {cell['cell_id']!r} does not match its folder {cell_dir_name!r}")
+    if cell["regime"] not in REGIMES:
+        raise BadFile(f"regime {cell['regime']!r} is not one of {', '.join(REGIMES)}")
+    _integer(cell["train_len"], "train_len")
+    _integer(cell.get("base_window"), "base_window", optional=True)
+    return cell
+
+
+def read_eval(path: Path, cell_id: str) -> tuple[str, list[tuple], float | None]:
+    """Validated eval/<suite>.json: (suite, rows as tuples in metrics column order, wall_s).
+
+    The file's `task` names the suite (ppl, passkey, ruler, ...). A row may name its own task within
+    the suite (`"task": "niah_single_1"`); without one, the row's task is the suite itself."""
+    obj = _load_json(path)
+    _check_version(obj)
+    _require(obj, ("cell_id", "task", "rows"))
+    if obj["cell_id"] != cell_id:
+        raise BadFile(f"cell_id {obj['cell_id']!r} does not match its cell {cell_id!r}")
+    task = obj["task"]
+    if task != path.stem:
+        raise BadFile(f"task {task!r} does not match the file name {path.name!r}")
+    if not isinstance(obj["rows"], list) or not obj["rows"]:
+        raise BadFile("rows must be a non-empty list")
+    meta = obj.get("meta") or {}
+    if not isinstance(meta, dict):
+        raise BadFile("meta must be an object")
+    wall_s = _number(meta.get("wall_s"), "meta.wall_s")
+    rows = []
+    for i, row in enumerate(obj["rows"]):
+        if not isinstance(row, dict):
+            raise BadFile(f"rows[{i}] is not an object")
+        try:
+            _require(row, ("eval_len", "metric", "value"))
+            if not isinstance(row["metric"], str):
+                raise BadFile(f"metric must be a string, found {row['metric']!r}")
+            row_task = row.get("task", task)
+            if not isinstance(row_task, str) or not row_task:
+                raise BadFile(f"task must be a non-empty string, found {row_task!r}")
+            rows.append((
+                cell_id, row_task, _integer(row["eval_len"], "eval_len"),
+                _number(row.get("depth"), "depth"), row["metric"], _number(row["value"], "value"),
+                _integer(row.get("n"), "n", optional=True), _number(row.get("ci_low"), "ci_low"),
+                _number(row.get("ci_high"), "ci_high"), wall_s,
+            ))
+        except BadFile as exc:
+            raise BadFile(f"rows[{i}]: {exc}") from None
+    return task, rows, wall_s
+
+
+def read_train_log(path: Path, cell_id: str) -> list[tuple]:
+    """Validated train_log.jsonl rows; a step logged twice (a resumed run) keeps its last line."""
+    by_step: dict[int, tuple] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadFile(f"unreadable ({exc})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadFile(f"line {lineno}: invalid JSON ({exc})") from None
+        if not isinstance(rec, dict):
+            raise BadFile(f"line {lineno}: expected a JSON object")
+        try:
+            _require(rec, ("step", "loss"))
+            step = _integer(rec["step"], "step")
+            by_step[step] = (
+                cell_id, step, _number(rec["loss"], "loss"), _number(rec.get("lr"), "lr"),
+                _number(rec.get("tokens_per_s"), "tokens_per_s"),
+                _number(rec.get("peak_mem_mb"), "peak_mem_mb"),
+                _number(rec.get("elapsed_s"), "elapsed_s"),
+            )
+        except BadFile as exc:
+            raise BadFile(f"line {lineno}: {exc}") from None
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def read_failure(path: Path, cell_id: str) -> dict:
+    """Validated failed.json (see workflow.common.run_cell_stage)."""
+    obj = _load_json(path)
+    _check_version(obj)
+    _require(obj, ("cell_id", "stage", "reason"))
+    if obj["cell_id"] != cell_id:
+        raise BadFile(f"cell_id {obj['cell_id']!r} does not match its cell {cell_id!r}")
+    if not isinstance(obj["reason"], str):
+        raise BadFile(f"reason must be a string, found {obj['reason']!r}")
+    return obj
+
+
+def read_train_summary(path: Path) -> dict:
+    """Validated train_summary.json."""
+    obj = _load_json(path)
+    _require(obj, ("wall_s",))
+    for key in ("wall_s", "tokens_per_s", "peak_mem_mb"):
+        _number(obj.get(key), key)
+    return obj
+
+
+class _Reader:
+    """Collects the study's files; each unreadable file is reported once and counted."""
+
+    def __init__(self, study_dir: Path, echo: bool):
+        self.study_dir = study_dir
+        self.echo = echo
+        self.files_read = 0
+        self.skipped: list[str] = []
+
+    def rel(self, path: Path) -> str:
+        return path.relative_to(self.study_dir).as_posix()
+
+    def read(self, path: Path, reader, *args):
+        """reader(path, *args), or None (reported) when the file is bad; None silently if absent."""
+        if not path.exists():
+            return None
+        try:
+            value = reader(path, *args)
+        except BadFile as exc:
+            line = f"{self.rel(path)}: {exc}"
+            self.skipped.append(line)
+            if self.echo:
+                print(f"store: WARNING skipped {line}", file=sys.stderr, flush=True)
+            return None
+        self.files_read += 1
+        return value
+
+    def skip(self, path: Path, problem: str) -> None:
+        self.read(path, _raise, problem)
+
+
+def _raise(_path: Path, problem: str):
+    raise BadFile(problem)
+
+
+def collect(study_dir: Path, echo: bool = True) -> tuple[dict, _Reader]:
+    """Read every result file of a study into plain Python structures."""
+    rd = _Reader(study_dir, echo)
+    found = {
+        "study": rd.read(study_dir / "study.json", _load_json),
+        "manifest": rd.read(study_dir / "data" / "manifest.json", _load_json),
+        "base_log": rd.read(study_dir / "base" / "train_log.jsonl", read_train_log, BASE_CELL_ID),
+        "base_summary": rd.read(study_dir / "base" / "train_summary.json", read_train_summary),
+        "cells": [],
+    }
+    cells_root = study_dir / "cells"
+    for cell_dir in sorted(p for p in cells_root.glob("*") if p.is_dir()) if cells_root.is_dir() else []:
+        cell_path = cell_dir / "cell.json"
+        if not cell_path.exists():
+            rd.skip(cell_dir, "no cell.json; the folder's results were not read")
+            continue
+        cell = rd.read(cell_path, read_cell, cell_dir.name)
+        if cell is None:
+            continue
+        summary_path = cell_dir / "train_summary.json"
+        entry = {
+            "cell": cell,
+            "log": rd.read(cell_dir / "train_log.jsonl", read_train_log, cell["cell_id"]),
+            "summary": rd.read(summary_path, read_train_summary),
+            "summary_bad": False,
+            "failure": rd.read(cell_dir / "failed.json", read_failure, cell["cell_id"]),
+            "evals": [],
+        }
+        entry["summary_bad"] = summary_path.exists() and entry["summary"] is None
+        if entry["failure"] is not None:  # its result files (if any) are from an earlier run: not valid
+            found["cells"].append(entry)
+            continue
+        for eval_path in sorted((cell_dir / "eval").glob("*.json")):
+            parsed = rd.read(eval_path, read_eval, cell["cell_id"])
+            if parsed is not None:
+                task, rows, _ = parsed
+                entry["evals"].append((task, rows, rd.rel(eval_path)))
+        found["cells"].append(entry)
+    return found, rd
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing (all inside one transaction)
+# ----------------------------------------------------------------------------------------------
+
+def _finite(obj):
+    """obj with NaN/inf floats replaced by None (JSON has no spelling for them)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _dumps(obj) -> str | None:
+    return None if obj is None else json.dumps(_finite(obj), sort_keys=True, default=str)
+
+
+def schema_version(con) -> int | None:
+    """The schema version recorded in an open database, or None for a fresh one."""
+    has = con.execute("SELECT count(*) FROM information_schema.tables "
+                      "WHERE table_name = 'schema_info'").fetchone()[0]
+    if not has:
+        return None
+    return con.execute("SELECT max(version) FROM schema_info").fetchone()[0]
+
+
+def create_schema(con) -> None:
+    found = schema_version(con)
+    if found is not None and found > SCHEMA_VERSION:
+        raise StoreError(f"the database was written with schema version {found}, newer than this "
+                         f"code's version {SCHEMA_VERSION}; update ctxext or use a new database file")
+    con.execute(SCHEMA)
+    if found is None:
+        con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
+    elif found < SCHEMA_VERSION:
+        migrate(con, found)
+
+
+def migrate(con, found: int) -> None:
+    """Bring an older database up to SCHEMA_VERSION in place (inside the ingest transaction)."""
+    if found < 2:  # version 1 had no suite: every result file was one task
+        con.execute("ALTER TABLE metrics ADD COLUMN IF NOT EXISTS suite VARCHAR")
+        con.execute("UPDATE metrics SET suite = task WHERE suite IS NULL")
+    if found < 3:  # version 2 had no failed cells, hence no reason
+        con.execute("ALTER TABLE cells ADD COLUMN IF NOT EXISTS status_reason VARCHAR")
+    con.execute("DELETE FROM schema_info")
+    con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
+
+
+BENCHMARK_COLUMNS = ("run_id", "study", "measured_at", "hardware", "phase", "cell_id", "rope", "attention", "seq_len",
+                     "rows", "tokens_per_s", "peak_mem_mb", "mfu", "flops_per_token", "throughput_vs_base",
+                     "memory_vs_base", "config")
+
+
+def write_benchmarks(db_path: Path, rows: list[dict]) -> int:
+    """Append the rows of one cost-benchmark run (workflow.tools.bench_cost) to the `benchmarks` table; a row is a dict
+    with BENCHMARK_COLUMNS (config as a dict). Returns the number of rows written."""
+    db_path = Path(db_path)
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    with duckdb.connect(str(db_path)) as con:
+        con.execute("BEGIN")
+        create_schema(con)
+        con.executemany(f"INSERT OR REPLACE INTO benchmarks ({', '.join(BENCHMARK_COLUMNS)}) "
+                        f"VALUES ({', '.join('?' for _ in BENCHMARK_COLUMNS)})",
+                        [[_dumps(r[c]) if c == "config" else r[c] for c in BENCHMARK_COLUMNS] for r in rows])
+        con.execute("COMMIT")
+    return len(rows)
+
+
+def _write_study(con, study: dict | None, manifest: dict | None, base_summary: dict | None) -> None:
+    """One row per top-level key of study.json, plus the manifest and the base model's training."""
+    facts = dict(study or {})
+    if manifest is not None:
+        facts["manifest"] = manifest
+    if base_summary is not None:
+        facts["base_train"] = base_summary
+    for key, value in facts.items():
+        con.execute("INSERT OR REPLACE INTO study VALUES (?, ?)", [key, _dumps(value)])
+
+
+CELL_COLUMNS = ("cell_id, study, rope, attention, train_len, regime, base_window, method_params, config, "
+                "config_hash, code_version, train_wall_s, train_tokens_per_s, train_peak_mem_mb, status, "
+                "status_reason")
+
+
+def _write_cell(con, cell: dict, summary: dict | None, keep_old_summary: bool, study_name,
+                failure: dict | None) -> None:
+    train = [None, None, None]
+    if summary is not None:
+        train = [summary.get("wall_s"), summary.get("tokens_per_s"), summary.get("peak_mem_mb")]
+    elif keep_old_summary:
+        old = con.execute("SELECT train_wall_s, train_tokens_per_s, train_peak_mem_mb FROM cells "
+                          "WHERE cell_id = ?", [cell["cell_id"]]).fetchone()
+        train = list(old) if old else train
+    con.execute(
+        f"INSERT OR REPLACE INTO cells ({CELL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [cell["cell_id"], cell.get("study", study_name), cell["rope"], cell["attention"],
+         int(cell["train_len"]), cell["regime"], cell.get("base_window"),
+         _dumps(cell.get("method_params", {})), _dumps(cell.get("config", {})),
+         cell.get("config_hash"), cell.get("code_version"), *train,
+         "failed" if failure else "missing results",
+         f"{failure['stage']}: {failure['reason']}" if failure else None])
+    if failure:
+        con.execute("DELETE FROM metrics WHERE cell_id = ?", [cell["cell_id"]])
+
+
+def _write_train_log(con, cell_id: str, rows: list[tuple]) -> None:
+    con.execute("DELETE FROM train_log WHERE cell_id = ?", [cell_id])
+    if rows:
+        con.executemany("INSERT INTO train_log VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+
+
+METRIC_COLUMNS = ("cell_id, task, eval_len, depth, metric, value, n, ci_low, ci_high, wall_s, source, "
+                  "suite")
+
+
+def _write_metrics(con, cell_id: str, suite: str, rows: list[tuple], source: str) -> None:
+    """Replace every row of one result file (one suite of one cell)."""
+    con.execute("DELETE FROM metrics WHERE cell_id = ? AND suite = ?", [cell_id, suite])
+    con.executemany(f"INSERT INTO metrics ({METRIC_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [(*row, source, suite) for row in rows])
+
+
+def _update_status_and_totals(con) -> None:
+    con.execute("""
+        UPDATE cells SET status = CASE WHEN EXISTS (SELECT 1 FROM metrics m
+                                                     WHERE m.cell_id = cells.cell_id)
+                                       THEN 'ok' ELSE 'missing results' END
+        WHERE status IS DISTINCT FROM 'failed'""")
+    total = con.execute("""
+        SELECT coalesce((SELECT sum(train_wall_s) FROM cells), 0)
+             + coalesce((SELECT sum(wall_s) FROM (SELECT max(wall_s) AS wall_s FROM metrics
+                                                  GROUP BY cell_id, suite)), 0)
+             + coalesce((SELECT CAST(json_extract(value, '$.wall_s') AS DOUBLE) FROM study
+                         WHERE key = 'base_train'), 0)""").fetchone()[0]
+    con.execute("INSERT OR REPLACE INTO study VALUES ('total_compute_s', ?)", [_dumps(total)])
+
+
+def _write_run(con, run_info: dict, study: dict | None, study_name: str) -> str:
+    run_id = run_info.get("run_id") or (
+        datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3))
+    started = run_info.get("started_at") or datetime.now(timezone.utc).replace(tzinfo=None)
+    con.execute("INSERT OR REPLACE INTO runs VALUES (?, ?, ?, ?, ?, ?)", [
+        run_id, study_name, started,
+        run_info.get("code_version") or (study or {}).get("code_version") or "unknown",
+        run_info.get("hardware") or describe_hardware(),
+        _dumps(run_info.get("config", (study or {}).get("config")))])
+    return run_id
+
+
+def describe_hardware() -> str:
+    return f"{platform.machine()} x{os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
+
+
+def export_metrics(con, export_dir: Path) -> list[Path]:
+    """metrics joined with the cell axes as CSV and Parquet; each file replaced atomically."""
+    export_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, fmt in (("metrics.csv", "FORMAT csv, HEADER"), ("metrics.parquet", "FORMAT parquet")):
+        final = export_dir / name
+        tmp = export_dir / f".{name}.{secrets.token_hex(4)}.tmp"
+        quoted = str(tmp).replace("'", "''")
+        try:
+            con.execute(f"COPY ({EXPORT_QUERY}) TO '{quoted}' ({fmt})")
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        written.append(final)
+    return written
+
+
+def ingest(study_dir: Path, db_path: Path, run_info: dict | None = None,
+           export_dir: Path | None = None, echo: bool = True) -> dict:
+    """Ingest every result file of `study_dir` into `db_path`; returns counts (rows per table,
+    files read, files skipped with their problems, run id)."""
+    study_dir, db_path = Path(study_dir), Path(db_path)
+    if not study_dir.is_dir():
+        raise StoreError(f"study directory {study_dir} does not exist")
+    found, rd = collect(study_dir, echo=echo)
+    study = found["study"]
+    study_name = (study or {}).get("name") or study_dir.name
+
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        con = duckdb.connect(str(db_path))
+    except duckdb.Error as exc:
+        raise StoreError(f"cannot open {db_path} read-write: {exc}") from None
+    try:
+        con.begin()
+        try:
+            create_schema(con)
+            _write_study(con, study, found["manifest"], found["base_summary"])
+            if found["base_log"] is not None:
+                _write_train_log(con, BASE_CELL_ID, found["base_log"])
+            for entry in found["cells"]:
+                cell = entry["cell"]
+                _write_cell(con, cell, entry["summary"], entry["summary_bad"], study_name, entry["failure"])
+                if entry["log"] is not None:
+                    _write_train_log(con, cell["cell_id"], entry["log"])
+                for task, rows, source in entry["evals"]:
+                    _write_metrics(con, cell["cell_id"], task, rows, source)
+            _update_status_and_totals(con)
+            run_id = _write_run(con, run_info or {}, study, study_name)
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        counts = {t: con.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in TABLES}
+        counts["cells_ok"] = con.execute(
+            "SELECT count(*) FROM cells WHERE status = 'ok'").fetchone()[0]
+        counts["cells_failed"] = con.execute(
+            "SELECT cell_id, status_reason FROM cells WHERE status = 'failed' ORDER BY cell_id").fetchall()
+        exports = export_metrics(con, Path(export_dir) if export_dir else study_dir / "exports")
+    finally:
+        con.close()
+    counts.update(files_read=rd.files_read, skipped=len(rd.skipped), skipped_files=rd.skipped,
+                  run_id=run_id, exports=[str(p) for p in exports])
+    return counts
