@@ -7,14 +7,16 @@
 """
 from __future__ import annotations
 
-from . import clex, dynamic_ntk, landmark, lm_infinite, none, ntk, pi, yarn
+from . import clex, dynamic_ntk, landmark, llama3, lm_infinite, longlora, longrope, none, ntk, pi, self_extend, yarn
 from .attention import EXACT, AttentionMethod
 from .rope import REGIMES, RopeMethod
 
-METHODS: dict[str, RopeMethod] = {m.METHOD.name: m.METHOD for m in (none, pi, ntk, dynamic_ntk, yarn, clex)}
+METHODS: dict[str, RopeMethod] = {m.METHOD.name: m.METHOD for m in (none, pi, ntk, dynamic_ntk, yarn, clex, llama3,
+                                                                                longrope)}
 
 # Attention kinds a cell may combine with a RoPE method ("exact": the model's own full attention).
-ATTENTION_METHODS: dict[str, AttentionMethod] = {m.name: m for m in (EXACT, lm_infinite.METHOD, landmark.METHOD)}
+ATTENTION_METHODS: dict[str, AttentionMethod] = {m.name: m for m in (EXACT, lm_infinite.METHOD, landmark.METHOD,
+                                                                   self_extend.METHOD, longlora.METHOD)}
 ATTENTIONS: tuple[str, ...] = tuple(ATTENTION_METHODS)
 
 

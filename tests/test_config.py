@@ -16,6 +16,8 @@ from workflow.runtime import ATTN_IMPLEMENTATIONS, DTYPES
 from workflow.tasks import TASKS
 from workflow.train import SCHEDULES
 
+ROPES, KINDS = ", ".join(METHODS), ", ".join(ATTENTIONS)  # the registries, as the schema lists them
+
 STUDIES = ("tiny", "micro", "smollm2", "llama2_7b")
 
 TINY_CELLS = {
@@ -33,13 +35,31 @@ def test_tiny_grid_is_exactly_the_configured_cells():
     assert len(cells) == 16
 
 
-def test_micro_has_the_same_grid_shape():
+# The rows of config/grids/extended.yaml beyond the paper grid, in the micro study (base window 64, 128/256).
+EXTENDED_MICRO_CELLS = {
+    "none-self_extend-64-frozen",
+    *(f"{m}-{n}-ft" for m in ("pi-longlora", "longrope-exact", "llama3-exact") for n in (128, 256)),
+    "longrope-exact-256-frozen", "llama3-exact-256-frozen",
+}
+
+
+def test_micro_has_the_tiny_grid_shape_plus_the_extended_rows():
     cfg = compose("micro")
     cells = expand_grid(cfg)
     base = cfg["model"]["base_window"]
-    assert len(cells) == 16
+    assert len(cells) == 16 + 9
     assert {c["cell_id"] for c in cells} == {
-        c.replace("-256-", f"-{base}-").replace("-512-", "-128-").replace("-1024-", "-256-") for c in TINY_CELLS}
+        c.replace("-256-", f"-{base}-").replace("-512-", "-128-").replace("-1024-", "-256-")
+        for c in TINY_CELLS} | EXTENDED_MICRO_CELLS
+
+
+def test_the_extended_grid_starts_with_the_paper_grid():
+    import yaml
+
+    grids = REPO / "config" / "grids"
+    paper = yaml.safe_load((grids / "paper_rope.yaml").read_text())["grid"]
+    extended = yaml.safe_load((grids / "extended.yaml").read_text())["grid"]
+    assert extended[:len(paper)] == paper and len(extended) > len(paper)
 
 
 def test_overrides_reach_the_resolved_config():
@@ -93,11 +113,11 @@ def test_cell_record_has_config_and_hash():
 
 @pytest.mark.parametrize("override, message", [
     ("grid=[{rope: nope, attention: exact, regime: frozen, train_len: 512}]",
-     "grid[0].rope must be one of none, pi, ntk, dynamic_ntk, yarn, clex, got 'nope'; did you mean 'none'?"),
+     f"grid[0].rope must be one of {ROPES}, got 'nope'; did you mean 'none'?"),
     ("grid=[{rope: [pi, yran], attention: exact, regime: frozen, train_len: 512}]",
-     "grid[0].rope[1] must be one of none, pi, ntk, dynamic_ntk, yarn, clex, got 'yran'; did you mean 'yarn'?"),
+     f"grid[0].rope[1] must be one of {ROPES}, got 'yran'; did you mean 'yarn'?"),
     ("grid=[{rope: pi, attention: sideways, regime: frozen, train_len: 512}]",
-     "grid[0].attention must be one of exact, lm_infinite, landmark, got 'sideways'"),
+     f"grid[0].attention must be one of {KINDS}, got 'sideways'"),
     ("grid=[{rope: pi, attention: exact, regime: frozen, train_len: 128}]", "train_len=128 must be above"),
     ("grid=[{rope: pi, attention: exact, regime: melted, train_len: 512}]",
      "grid[0].regime must be one of finetuned, frozen, got 'melted'"),
@@ -212,7 +232,7 @@ def test_attention_params_are_validated_against_the_attention_kind():
     with pytest.raises(ConfigError, match=r"grid\[0\].*attention 'exact'.*unknown parameter"):
         expand_grid(cfg)
     cfg["grid"][0]["attention"] = "window"
-    with pytest.raises(ConfigError, match=r"grid\[0\]\.attention must be one of exact, lm_infinite, landmark, got 'window'"):
+    with pytest.raises(ConfigError, match=rf"grid\[0\]\.attention must be one of {KINDS}, got 'window'"):
         expand_grid(cfg)
 
 

@@ -14,8 +14,8 @@ from methods.yarn import correction_range, mscale
 from tests.helpers import logits, random_ids, tiny_llama
 
 L, TARGET = 64, 256  # tiny model windows (s = 4)
-NAMES = ["none", "pi", "ntk", "dynamic_ntk", "yarn"]  # fixed frequency methods (CLEX: tests/test_clex.py)
-ALL_NAMES = NAMES + ["clex"]
+NAMES = ["none", "pi", "ntk", "dynamic_ntk", "yarn", "llama3"]  # fixed frequency methods (CLEX: tests/test_clex.py)
+ALL_NAMES = ["none", "pi", "ntk", "dynamic_ntk", "yarn", "clex", "llama3", "longrope"]
 
 
 def theta(d, b):
@@ -211,7 +211,7 @@ def hf_inv_freq(model, seq_len=None):
 
 @pytest.mark.parametrize("make, L0, T", [(tiny_model, L, TARGET), (wide_head_model, 4096, 32768)])
 @pytest.mark.parametrize("name, hf_type", [("none", "default"), ("pi", "linear"), ("ntk", "default"),
-                                           ("yarn", "yarn")])
+                                           ("yarn", "yarn"), ("llama3", "llama3")])
 def test_static_methods_match_transformers(make, L0, T, name, hf_type):
     model = get_method(name).apply(make(), original_window=L0, target_window=T)
     assert model.config.rope_parameters["rope_type"] == hf_type
@@ -369,7 +369,7 @@ def test_verify_rotary_can_fail():
 
 def test_package_exports():
     assert set(methods.__all__) >= {"METHODS", "get_method", "restore"}
-    assert methods.ATTENTIONS == ("exact", "lm_infinite", "landmark")
+    assert methods.ATTENTIONS == ("exact", "lm_infinite", "landmark", "self_extend", "longlora")
 
 
 def test_attention_axis_registry_and_exact_is_a_no_op(tmp_path):

@@ -63,7 +63,7 @@ class CellLM(HFLM):
                  prefill_chunk: int | str | None = None, **kwargs):
         if cell is not None:
             cfg, model_dir = cell_paths(cell)
-            model = cell_model(cfg, model_dir)
+            model = cell_model(cfg, model_dir, Path(cell).parent.parent / "data", Path(cell))
             tokenizer = tokenizer or str(model_dir)
             max_length = int(max_length or longest_eval_len(cfg) + int(max_gen_toks))
             prefill_chunk = prefill_chunk if prefill_chunk is not None else cfg["eval"].get("prefill_chunk")

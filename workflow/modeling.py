@@ -155,14 +155,23 @@ def check_imported(model, model_cfg: dict) -> None:
                          + ", ".join(f"model.{k}={want!r} but the checkpoint has {got!r}" for k, (want, got) in bad.items()))
 
 
-def cell_model(cfg: dict, model_dir: Path):
+def cell_model(cfg: dict, model_dir: Path, data_dir: Path | None = None, cell_dir: Path | None = None):
     """The cell's model for evaluation: its fine-tuned checkpoint, or the base model with the cell's method applied
-    (`cfg` is the cell's resolved evaluate config)."""
+    (`cfg` is the cell's resolved evaluate config). A frozen LongRoPE cell searches its factors on the validation
+    split of `data_dir` (or reuses the search recorded in `cell_dir`; workflow.rope_search)."""
     model_cfg = cfg.get("base", {}).get("model", {})
     model = load_model(model_dir, model_cfg.get("attn_implementation", "sdpa"), model_cfg.get("dtype", "float32"),
                        to_device=True)
     if cfg["regime"] == "frozen":
         model = apply_cell_method(model, cfg)
+        from workflow import rope_search
+
+        if rope_search.needs_search(model):
+            if cell_dir is None:
+                raise ValueError(f"{cfg['cell_id']}: LongRoPE's factors are searched on the validation split and "
+                                 "recorded in the cell's directory; cell_model needs cell_dir (and data_dir)")
+            ev = cfg.get("eval") or {}
+            rope_search.search_cell(model, cfg, data_dir, cell_dir, ev.get("batch_tokens"), ev.get("loss_chunk"))
     return model
 
 

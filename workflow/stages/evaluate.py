@@ -28,7 +28,7 @@ def headline(task: str, rows: list[dict]) -> str:
 def evaluate_cell(cfg: dict, data_dir: Path, model_dir: Path, out_dir: Path, tasks: list[str] | None = None) -> None:
     ev = cfg["eval"]
     tasks = [get_task(name) for name in (tasks or ev["tasks"])]
-    model = cell_model(cfg, model_dir)
+    model = cell_model(cfg, model_dir, data_dir, out_dir.parent)
     ensure_eval_fits(model, ev["lengths"] + ev["retrieval"]["lengths"], ev["batch_tokens"])
     ctx = EvalContext(cfg, model, model_dir, data_dir)
     for task in tasks:

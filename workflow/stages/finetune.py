@@ -17,7 +17,7 @@ import torch
 
 from methods import attention_of
 from workflow.batches import finetune_batches
-from workflow import distributed
+from workflow import distributed, rope_search
 from workflow.common import run_cell_stage, stage_parser, read_json, set_threads, write_json
 from workflow.modeling import apply_cell_method, load_model, save_model_dir
 from workflow.retrieval import PasskeyMixer
@@ -33,18 +33,27 @@ def finetune_cell(cfg: dict, data_dir: Path, base_dir: Path, out: Path) -> dict:
     model = load_model(base_dir, model_cfg.get("attn_implementation", "sdpa"), "float32", to_device=True)
     torch.manual_seed(ft["seed"])  # a method's new parameters (CLEX's ODE) start the same in every run
     model = apply_cell_method(model, cfg)
+    if rope_search.needs_search(model):  # LongRoPE: its factors are searched on the base model; training then uses them
+        rope_search.search_cell(model, cfg, data_dir, out, cfg["train_len"], None, model_cfg.get("dtype", "float32"))
     tokens = np.load(data_dir / "train.npy", mmap_mode="r")
     mixer = PasskeyMixer(tokenizer, seed=ft["seed"], share=cfg["base"]["data"]["passkey_share"])
     batches = finetune_batches(tokens, cfg["train_len"], ft["tokens_per_step"], mixer)
     attention = attention_of(model)  # e.g. Landmark inserts its tokens (in the loss or not: landmark_in_loss)
     summary = train(model, batches, {**ft, "dtype": model_cfg.get("dtype", "float32")}, out, label=f"finetune {cfg['cell_id']}",
                     inputs_fn=lambda batch: attention.training_inputs(model, batch))
+    # an attention kind that trains something other than the model it evaluates (LongLoRA: adapters merged, full
+    # attention restored) finishes here, before the model is saved
+    finish = getattr(attention, "finish_training", None)
     if distributed.active():
         weights = distributed.full_model_state(model)   # every process takes part; rank 0 gets the weights
         if distributed.is_main():
+            if finish is not None:
+                weights = finish(model, state_dict=weights)
             save_model_dir(model, tokenizer, out / "model", state_dict=weights)
         torch.distributed.barrier()
     else:
+        if finish is not None:
+            finish(model)
         save_model_dir(model, tokenizer, out / "model")
     if distributed.is_main():
         remove_checkpoint(out)
