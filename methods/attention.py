@@ -146,9 +146,10 @@ class AttentionMethod:
         must be idempotent."""
 
     # --- inputs and outputs (kinds that change the token sequence, e.g. Landmark, override these) ------------
-    def training_inputs(self, model, batch):
-        """The keyword inputs of one training step on `batch` [rows, T] of regular tokens (its loss is `.loss`)."""
-        return {"input_ids": batch, "labels": batch}
+    def training_inputs(self, model, batch: dict) -> dict:
+        """The inputs of one training step on `batch` (input_ids and labels [rows, T] of regular tokens, -100 where
+        nothing is scored; optionally loss_weights): the batch itself unless the kind changes the sequence."""
+        return batch
 
     def logits(self, model, input_ids):
         """Next-token logits [rows, T, vocab] at every regular token of `input_ids` [rows, T]."""

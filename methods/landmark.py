@@ -350,23 +350,43 @@ class LandmarkAttention(AttentionMethod):
         # checkpoints written before the switch existed trained without the landmarks in the loss
         return {"landmark_in_loss": False, **record["params"]}, record["landmark_id"]
 
-    def training_inputs(self, model, batch: torch.Tensor) -> dict:
-        """Landmarks inserted. With `landmark_in_loss` (LCEG) the labels are the inserted sequence itself: every
-        position predicts the next token, landmarks included (a landmark at the very end of a row, which LCEG's rows
-        never have, is no target). Without, every regular token predicts the next regular token and the landmark
-        positions are out of the loss. (HF shifts labels by one: logits[p] is scored against labels[p+1].)"""
+    def training_inputs(self, model, batch: dict) -> dict:
+        """Landmarks inserted into `batch` (input_ids and labels [rows, T] of regular tokens, -100 where nothing is
+        scored; optionally loss_weights). With `landmark_in_loss` (LCEG) the labels are the inserted sequence itself:
+        every position predicts the next token, landmarks included, where the regular token before a landmark is
+        scored (a landmark at the very end of a row, which LCEG's rows never have, is no target); a landmark's loss
+        weight is that token's, the weights rescaled to their old sum. Without, every regular token predicts the next
+        regular token and the landmark positions are out of the loss. (HF shifts labels by one: logits[p] is scored
+        against labels[p+1].)"""
         params, landmark_id = self._record(model)
         mem_freq = params["mem_freq"]
-        ids, regular = insert_landmarks(batch, mem_freq, landmark_id)
+        ids, regular = insert_landmarks(batch["input_ids"], mem_freq, landmark_id)
+        labels_in, weights_in = batch.get("labels", batch["input_ids"]), batch.get("loss_weights")
         if params["landmark_in_loss"]:
-            labels = ids.clone()
-            if batch.shape[1] % mem_freq == 0:
+            labels = torch.full_like(ids, -100)
+            labels[:, regular] = labels_in
+            landmark = torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device)
+            landmark[regular] = False
+            at = torch.flatnonzero(landmark)
+            labels[:, at] = torch.where(labels[:, at - 1] != -100, landmark_id, -100)
+            if landmark[-1]:
                 labels[:, -1] = -100
-            return {"input_ids": ids, "labels": labels}
-        target = torch.full_like(ids, -100)
-        target[:, regular[:-1]] = batch[:, 1:]
-        labels = torch.cat((torch.full_like(target[:, :1], -100), target[:, :-1]), dim=1)
-        return {"input_ids": ids, "labels": labels}
+            out = {"input_ids": ids, "labels": labels}
+            if weights_in is not None:
+                weights = torch.zeros(ids.shape, dtype=weights_in.dtype, device=ids.device)
+                weights[:, regular] = weights_in
+                weights[:, at] = torch.where(labels[:, at] != -100, weights[:, at - 1], 0.0)
+                total = weights.sum()
+                out["loss_weights"] = weights * (weights_in.sum() / total) if total > 0 else weights
+            return out
+        out = {"input_ids": ids}
+        for key, value, fill in (("labels", labels_in, -100), ("loss_weights", weights_in, 0.0)):
+            if value is None:
+                continue
+            target = torch.full(ids.shape, fill, dtype=value.dtype, device=ids.device)
+            target[:, regular[:-1]] = value[:, 1:]
+            out[key] = torch.cat((torch.full_like(target[:, :1], fill), target[:, :-1]), dim=1)
+        return out
 
     # --- inference ----------------------------------------------------------------------------------------------
     @staticmethod

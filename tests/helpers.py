@@ -213,7 +213,8 @@ def build_study(root: Path, name: str = "fixture", hostile: bool = False) -> Pat
     study_name = HOSTILE if hostile else name
     manifest = {
         "source": "stdlib", "description": "Python standard library source files",
-        "passkey_share": 0.15, "seeds": {"split": 1234},
+        "synthetic": {"kv": 0.3, "copy": 0.2, "multikey": 0.3, "code_haystack": 0.5,
+                                     "answer_only": True, "weight": 0.5}, "seeds": {"split": 1234},
         "tokenizer": {"vocab_size": 4096},
         "splits": {split: {"files": n, "tokens": n * 900, "file_list_sha256": f"{n:064x}",
                            "text_sha256": f"{n * 7:064x}"}

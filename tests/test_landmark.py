@@ -445,7 +445,7 @@ def test_training_inputs_with_the_landmarks_in_the_loss():
 def test_training_inputs_with_the_landmarks_out_of_the_loss():
     model = _landmark_model(False)
     batch = torch.randint(0, 40, (2, 10))
-    inputs = attention_of(model).training_inputs(model, batch)
+    inputs = attention_of(model).training_inputs(model, {"input_ids": batch, "labels": batch})
     ids, labels = inputs["input_ids"], inputs["labels"]
     assert ids.shape == (2, 13)
     # HF scores logits[p] against labels[p + 1]: every regular token predicts the next regular token

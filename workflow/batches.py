@@ -1,44 +1,105 @@
-"""Deterministic training batches: each batch is a pure function of the step, so every method sees
-the same rows in the same order, and a resumed run sees what the uninterrupted run would have seen.
-A share of rows is replaced by passkey-style documents (the same rows for every method)."""
+"""Deterministic training batches: each batch is a pure function of the step, so every method sees the same rows in
+the same order, and a resumed run sees what the uninterrupted run would have seen. A share of rows can be
+synthetic retrieval rows (`workflow.synthetic`; the same rows for every method).
+
+A batch is a dict of [rows, T] tensors: `input_ids`; `labels` (the token to predict, -100 where nothing is scored:
+in synthetic rows with `answer_only`, everything but the answers and copies); and, when `weight` is set,
+`loss_weights`, which put `weight` of the step's loss on the synthetic targets and the rest on the corpus tokens,
+each spread evenly (they sum to 1 over the batch; `train` takes the weighted sum of the token losses).
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-
-def _assemble(rows: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(rows).astype(np.int64))
+Batch = dict[str, torch.Tensor]
 
 
-def pretrain_batches(tokens: np.ndarray, seq_len: int, batch_size: int, seed: int,
-                     mixer=None) -> Callable[[int], torch.Tensor]:
-    """Rows of `seq_len` tokens at seeded random offsets of the training stream (row i of the run is
-    drawn from an RNG seeded by (seed, i))."""
-    limit = len(tokens) - seq_len
-    if limit <= 0:
-        raise ValueError(f"the training stream ({len(tokens)} tokens) is shorter than one row of {seq_len}")
+class RowMaker:
+    """Turns corpus rows and synthetic rows (ids, supervised mask) into a batch."""
 
-    def batch(step: int) -> torch.Tensor:
-        rows = []
-        for i in range(step * batch_size, (step + 1) * batch_size):
-            row = mixer.row(i, seq_len) if mixer is not None else None
-            if row is None:
+    def __init__(self, synthetic=None, answer_only: bool = True, weight: float | None = None):
+        if weight is not None and not 0.0 <= weight <= 1.0:
+            raise ValueError(f"synthetic loss weight must be in [0, 1] or null, got {weight!r}")
+        self.synthetic, self.answer_only, self.weight = synthetic, bool(answer_only), weight
+
+    def synthetic_row(self, i: int, seq_len: int):
+        return self.synthetic.row(i, seq_len) if self.synthetic is not None else None
+
+    def assemble(self, rows: list[tuple[np.ndarray, np.ndarray | None]]) -> Batch:
+        ids = torch.from_numpy(np.stack([np.asarray(r, dtype=np.int64) for r, _ in rows]))
+        labels = ids.clone()
+        synthetic = torch.zeros_like(ids, dtype=torch.bool)
+        for k, (_, mask) in enumerate(rows):
+            if mask is None:
+                continue
+            supervised = torch.from_numpy(np.asarray(mask, dtype=bool))
+            synthetic[k] = supervised
+            if self.answer_only:
+                labels[k, ~supervised] = -100
+        batch = {"input_ids": ids, "labels": labels}
+        if self.weight is not None:
+            scored = labels != -100
+            scored[:, 0] = False   # the first token of a row is never predicted
+            corpus = scored & ~synthetic
+            n_syn, n_corpus = int((synthetic & scored).sum()), int(corpus.sum())
+            w_syn = (self.weight if n_corpus else 1.0) if n_syn else 0.0
+            weights = torch.zeros(ids.shape, dtype=torch.float32)
+            if n_syn:
+                weights[synthetic & scored] = w_syn / n_syn
+            if n_corpus:
+                weights[corpus] = (1.0 - w_syn) / n_corpus
+            batch["loss_weights"] = weights
+        return batch
+
+
+@dataclass(frozen=True)
+class Phase:
+    """A stretch of pretraining: `steps` steps of `batch_size` rows of `seq_len` tokens made by `rows`."""
+
+    steps: int
+    seq_len: int
+    batch_size: int
+    rows: RowMaker
+
+
+def pretrain_batches(tokens: np.ndarray, phases: list[Phase], seed: int) -> Callable[[int], Batch]:
+    """Rows at seeded random offsets of the training stream (row i of the run is drawn from an RNG seeded by
+    (seed, i); rows are numbered across phases), phase by phase; the last phase runs to the end of training."""
+    if not phases:
+        raise ValueError("pretraining needs at least one phase")
+    for phase in phases:
+        if len(tokens) - phase.seq_len <= 0:
+            raise ValueError(f"the training stream ({len(tokens)} tokens) is shorter than one row of {phase.seq_len}")
+    first_steps = np.cumsum([0] + [p.steps for p in phases[:-1]])
+    first_rows = np.cumsum([0] + [p.steps * p.batch_size for p in phases[:-1]])
+
+    def batch(step: int) -> Batch:
+        k = int(np.searchsorted(first_steps, step, side="right")) - 1
+        phase = phases[k]
+        first = int(first_rows[k]) + (step - int(first_steps[k])) * phase.batch_size
+        limit = len(tokens) - phase.seq_len
+        out = []
+        for i in range(first, first + phase.batch_size):
+            made = phase.rows.synthetic_row(i, phase.seq_len)
+            if made is None:
                 start = int(np.random.default_rng([seed, i]).integers(0, limit))
-                row = tokens[start:start + seq_len]
-            rows.append(np.asarray(row))
-        return _assemble(rows)
+                made = (tokens[start:start + phase.seq_len], None)
+            out.append(made)
+        return phase.rows.assemble(out)
 
     return batch
 
 
 def finetune_batches(tokens: np.ndarray, seq_len: int, tokens_per_step: int,
-                     mixer=None) -> Callable[[int], torch.Tensor]:
+                     rows: RowMaker | None = None) -> Callable[[int], Batch]:
     """Consecutive rows of `seq_len` tokens read in order from the start of the training stream,
     `tokens_per_step // seq_len` rows a step: cells of every training length read the same tokens in
     the same order (two 512-token rows hold the tokens of one 1024-token row)."""
+    rows = rows or RowMaker()
     if tokens_per_step % seq_len:
         raise ValueError(f"finetune.tokens_per_step={tokens_per_step} must be a multiple of the training "
                          f"length {seq_len}")
@@ -47,14 +108,14 @@ def finetune_batches(tokens: np.ndarray, seq_len: int, tokens_per_step: int,
     if n_rows == 0:
         raise ValueError(f"the training stream ({len(tokens)} tokens) is shorter than one row of {seq_len}")
 
-    def batch(step: int) -> torch.Tensor:
-        rows = []
+    def batch(step: int) -> Batch:
+        out = []
         for i in range(step * per_step, (step + 1) * per_step):
-            row = mixer.row(i, seq_len) if mixer is not None else None
-            if row is None:
+            made = rows.synthetic_row(i, seq_len)
+            if made is None:
                 start = (i % n_rows) * seq_len
-                row = tokens[start:start + seq_len]
-            rows.append(np.asarray(row))
-        return _assemble(rows)
+                made = (tokens[start:start + seq_len], None)
+            out.append(made)
+        return rows.assemble(out)
 
     return batch

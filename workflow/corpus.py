@@ -144,27 +144,43 @@ def open_source(cfg: dict) -> Source:
 
 # ----------------------------------------------------------------------------------------- splits
 
+def split_fraction(name: str, seed: int, purpose: str = "split") -> float:
+    """A document's place in [0, 1) for the split: a hash of (seed, name), so a document's split does not depend on
+    which other documents the corpus holds (another Python version's standard library keeps every shared file in
+    the same split: a base model pretrained on one never saw the other's test files). `purpose` gives independent
+    hashes for other uses (the choice of `max_files`)."""
+    digest = hashlib.sha256(f"{int(seed)}:{purpose}:{name}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
 def split_names(names: list[str], split_cfg: dict, seed: int, max_files: int | None = None) -> dict[str, list[str]]:
-    """Shuffle the sorted names with `seed`, keep the first max_files, and cut them into test,
-    validation and train (in that order). Validation and test get at least one file each when there
-    are at least three."""
-    names = sorted(names)
-    order = np.random.default_rng(int(seed)).permutation(len(names))
-    chosen = [names[i] for i in order]
-    if max_files is not None:
-        chosen = chosen[:int(max_files)]
-    n = len(chosen)
-    sizes = {}
+    """Cut the documents into test (fraction < data.split.test), validation (< test + validation) and train by
+    `split_fraction`; with `max_files`, only max_files documents chosen by an independent hash (so the shares hold).
+    Validation and test get at least one document each when a share is set and there are at least three. Each list
+    is sorted."""
+    shares = {}
     for split in ("test", "validation"):
         share = float(split_cfg.get(split, 0.0))
         if not 0.0 <= share < 1.0:
             raise ValueError(f"data.split.{split} must be in [0, 1), got {share!r}")
-        sizes[split] = max(1, round(n * share)) if share > 0 and n >= 3 else round(n * share)
-    if n - sizes["test"] - sizes["validation"] < 1:
-        raise ValueError(f"{n} documents are too few for the requested split {split_cfg}")
-    test = chosen[:sizes["test"]]
-    validation = chosen[sizes["test"]:sizes["test"] + sizes["validation"]]
-    return {"train": chosen[sizes["test"] + sizes["validation"]:], "validation": validation, "test": test}
+        shares[split] = share
+    if shares["test"] + shares["validation"] >= 1.0:
+        raise ValueError(f"data.split shares {split_cfg} leave no training documents")
+    ordered = sorted(set(names))
+    if max_files is not None:
+        ordered = sorted(sorted(ordered, key=lambda name: split_fraction(name, seed, "select"))[:int(max_files)])
+    fraction = {name: split_fraction(name, seed) for name in ordered}
+    ordered.sort(key=lambda name: fraction[name])
+    bounds = {"test": shares["test"], "validation": shares["test"] + shares["validation"]}
+    out = {"test": [n for n in ordered if fraction[n] < bounds["test"]],
+           "validation": [n for n in ordered if bounds["test"] <= fraction[n] < bounds["validation"]]}
+    out["train"] = [n for n in ordered if fraction[n] >= bounds["validation"]]
+    for split in ("test", "validation"):  # a tiny corpus: take the train document closest to the split's range
+        if shares[split] > 0 and not out[split] and len(ordered) >= 3 and len(out["train"]) > 1:
+            out[split].append(out["train"].pop(0))
+    if not out["train"]:
+        raise ValueError(f"{len(ordered)} documents are too few for the requested split {split_cfg}")
+    return {split: sorted(out[split]) for split in ("train", "validation", "test")}
 
 
 def sha256_lines(items: list[str]) -> str:

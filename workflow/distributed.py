@@ -60,8 +60,11 @@ def shard(model):
     return model
 
 
-def rank_rows(batch: torch.Tensor) -> torch.Tensor:
-    """This process's contiguous share of a step's rows [rows, T]; the rows must split evenly."""
+def rank_rows(batch):
+    """This process's contiguous share of a step's rows [rows, T] (of every tensor of a batch dict); the rows must
+    split evenly."""
+    if isinstance(batch, dict):
+        return {key: rank_rows(value) for key, value in batch.items()}
     n, size = batch.shape[0], world_size()
     if n % size:
         raise ValueError(f"a step has {n} rows (finetune.tokens_per_step / train_len), which do not split evenly "

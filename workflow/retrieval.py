@@ -1,5 +1,5 @@
-"""Seeded builders of the synthetic retrieval tasks, shared by the data stage (the evaluation sets) and
-by training (passkey documents mixed into a share of the training rows).
+"""Seeded builders of the retrieval evaluation sets (the data stage writes them; training rows are built by
+`workflow.synthetic` and never use these sets' keys).
 
 - passkey (Mohtashami & Jaggi, 2023): a 5-digit key hidden at a relative depth inside repeated
   filler sentences, asked for at the end.
@@ -33,7 +33,6 @@ ANSWER = " {key}"
 KEY_LOW, KEY_HIGH = 10000, 100000  # 5-digit keys: integers in [KEY_LOW, KEY_HIGH)
 
 TASKS = ("passkey", "needle")
-_MIXER_STREAM = 7919  # separates the mixer's random stream from other users of the same seed
 
 
 @dataclass(frozen=True)
@@ -185,30 +184,11 @@ def build_retrieval_sets(tokenizer, test_ids, cfg: dict, out_dir: Path) -> dict:
     return summary
 
 
-class PasskeyMixer:
-    """Decides, for row i of a training stream, whether to replace it by a passkey document of the row's
-    length. The decision, key and depth come from an RNG seeded by (seed, i), so every method sees the
-    same rows. A row too short to hold a passkey prompt is kept (one warning per length)."""
-
-    def __init__(self, tokenizer, seed: int, share: float):
-        if not 0.0 <= share <= 1.0:
-            raise ValueError(f"passkey share must be in [0, 1], got {share!r}")
-        self.pieces = pieces(tokenizer) if share > 0 else None
-        self.seed = int(seed)
-        self.share = float(share)
-        self._too_short: set[int] = set()
-
-    def row(self, i: int, T: int) -> np.ndarray | None:
-        """The passkey row (input_ids + answer_ids, T tokens) replacing row i, or None to keep the corpus row."""
-        if self.share <= 0 or T in self._too_short:
-            return None
-        rng = np.random.default_rng([self.seed, _MIXER_STREAM, int(i)])
-        if rng.random() >= self.share:
-            return None
-        try:
-            ex = passkey_example(self.pieces, T, float(rng.random()), rng)
-        except ValueError as exc:
-            self._too_short.add(T)
-            print(f"[ctxext] WARNING: no passkey rows at length {T}: {exc}", file=sys.stderr, flush=True)
-            return None
-        return np.asarray(ex["input_ids"] + ex["answer_ids"], dtype=np.int64)
+def evaluation_keys(data_dir: Path) -> set[str]:
+    """The answers of the study's retrieval sets (passkey.jsonl, needle.jsonl): training never uses them as keys."""
+    keys = set()
+    for task in TASKS:
+        path = Path(data_dir) / f"{task}.jsonl"
+        if path.exists():
+            keys.update(json.loads(line)["answer"] for line in path.read_text().splitlines() if line.strip())
+    return keys

@@ -29,21 +29,27 @@ from workflow.resources import ensure_train_fits
 from workflow.runtime import autocast, prepare_training, use_fused_adamw
 
 
-SCHEDULES = ("cosine", "constant_with_warmup")  # the values of <stage>.schedule (see lr_at)
+SCHEDULES = ("cosine", "constant_with_warmup", "warmup_stable_decay")  # the values of <stage>.schedule (lr_at)
 
 
 def lr_at(step: int, cfg: dict) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warm-up, then cosine decay to
-    lr * min_lr_ratio (schedule `cosine`) or constant (schedule `constant_with_warmup`)."""
+    lr * min_lr_ratio (schedule `cosine`), constant (schedule `constant_with_warmup`), or constant and then a linear
+    decay to lr * min_lr_ratio over the last `decay_fraction` of the steps (schedule `warmup_stable_decay`)."""
     base, warmup, total = cfg["lr"], cfg["warmup_steps"], cfg["steps"]
     if step < warmup:
         return base * (step + 1) / warmup
-    if cfg["schedule"] == "constant_with_warmup":
+    schedule, floor = cfg["schedule"], base * cfg["min_lr_ratio"]
+    if schedule == "constant_with_warmup":
         return base
-    if cfg["schedule"] != "cosine":
-        raise ValueError(f"unknown schedule {cfg['schedule']!r}; valid: {', '.join(SCHEDULES)}")
+    if schedule == "warmup_stable_decay":
+        decay_start = total - int(round(cfg["decay_fraction"] * total))
+        if step < decay_start:
+            return base
+        return base - (base - floor) * (step - decay_start + 1) / max(1, total - decay_start)
+    if schedule != "cosine":
+        raise ValueError(f"unknown schedule {schedule!r}; valid: {', '.join(SCHEDULES)}")
     progress = (step - warmup) / max(1, total - warmup)
-    floor = base * cfg["min_lr_ratio"]
     return floor + (base - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
@@ -125,13 +131,27 @@ def _truncate_log(log_path: Path, last_step: int) -> None:
     log_path.write_text("".join(k + "\n" for k in kept))
 
 
-def train(model, batch_fn: Callable[[int], torch.Tensor], cfg: dict, work_dir: Path, label: str,
-          inputs_fn: Callable[[torch.Tensor], dict] | None = None) -> dict:
+def step_loss(model, inputs: dict) -> torch.Tensor:
+    """The loss of one step: the model's own mean over the scored tokens (labels != -100), or, when the inputs
+    carry `loss_weights` (workflow.batches: they sum to 1 over the global batch), the weighted sum of the token
+    losses (times the number of processes, whose gradients FSDP averages)."""
+    weights = inputs.get("loss_weights")
+    if weights is None:
+        return model(**inputs).loss
+    logits = model(input_ids=inputs["input_ids"]).logits[:, :-1].float()
+    labels = inputs["labels"][:, 1:]
+    token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
+    weights = torch.where(labels == -100, 0.0, weights[:, 1:].to(token_loss.dtype))
+    return (token_loss * weights).sum() * distributed.world_size()
+
+
+def train(model, batch_fn: Callable[[int], dict], cfg: dict, work_dir: Path, label: str,
+          inputs_fn: Callable[[dict], dict] | None = None) -> dict:
     """Train `model` in place for cfg['steps'] steps. Writes work_dir/train_log.jsonl and a checkpoint
     under work_dir/ckpt every cfg['checkpoint_every'] steps; resumes from it if present. Returns the
-    summary (also written to work_dir/train_summary.json). `inputs_fn` turns a batch of token ids into
-    the model's keyword inputs (default: input_ids = labels = the batch); an attention kind may insert
-    tokens or mask labels (Landmark)."""
+    summary (also written to work_dir/train_summary.json). `batch_fn(step)` gives a batch dict
+    (workflow.batches: input_ids, labels, optionally loss_weights); `inputs_fn` turns it into the model's
+    inputs (default: the batch itself); an attention kind may insert tokens (Landmark)."""
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir, log_path = work_dir / "ckpt", work_dir / "train_log.jsonl"
@@ -155,7 +175,7 @@ def train(model, batch_fn: Callable[[int], torch.Tensor], cfg: dict, work_dir: P
         log(f"{label}: resuming from the checkpoint at step {start}")
     if main:
         _truncate_log(log_path, start)
-    ensure_train_fits(model, batch_fn(start))
+    ensure_train_fits(model, batch_fn(start)["input_ids"])
 
     steps, tokens_total, losses = cfg["steps"], 0, []
     t_start = time.perf_counter()
@@ -167,12 +187,13 @@ def train(model, batch_fn: Callable[[int], torch.Tensor], cfg: dict, work_dir: P
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batch = batch_fn(step).to(model.device)
-            inputs = inputs_fn(batch) if inputs_fn is not None else {"input_ids": batch, "labels": batch}
+            batch = {key: value.to(model.device) for key, value in batch_fn(step).items()}
+            inputs = inputs_fn(batch) if inputs_fn is not None else batch
             with autocast(model, cfg.get("dtype", "float32")):
-                loss = model(**inputs).loss
-            # the global batch's loss: every process's rows have the same number of scored tokens, so the
-            # mean of the processes' means is the mean over all rows (and all processes stop together)
+                loss = step_loss(model, inputs)
+            # the global batch's loss: with loss weights, the processes' losses average to the global weighted
+            # sum; without, every process's rows have the same number of scored tokens, so the mean of the
+            # processes' means is the mean over all rows (and all processes stop together)
             shown = distributed.mean_across(loss) if distributed.active() else loss
             if not torch.isfinite(shown):
                 raise FloatingPointError(f"{label}: loss became {shown.item()} at step {step + 1}; stopping")
@@ -182,7 +203,7 @@ def train(model, batch_fn: Callable[[int], torch.Tensor], cfg: dict, work_dir: P
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            tokens = batch.numel() * distributed.world_size()
+            tokens = batch["input_ids"].numel() * distributed.world_size()
             tokens_total += tokens
             losses.append(shown.item())
             record = {"step": step + 1, "loss": round(shown.item(), 6), "lr": lr, "tokens": tokens,

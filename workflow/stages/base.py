@@ -11,12 +11,32 @@ from pathlib import Path
 
 import numpy as np
 
-from workflow.batches import pretrain_batches
+from workflow.batches import Phase, pretrain_batches
 from workflow.common import stage_parser, log, read_json, set_threads, write_json
 from workflow.modeling import build_scratch_model, check_imported, describe, import_model, save_model_dir
-from workflow.retrieval import PasskeyMixer
+from workflow.retrieval import evaluation_keys
 from workflow.runtime import device
+from workflow.synthetic import row_maker
 from workflow.train import remove_checkpoint, train
+
+
+def pretrain_phases(cfg: dict, tokenizer, tokens, exclude_keys) -> list[Phase]:
+    """The phases of pretraining: `pretrain.phases` first (each with its own row length and synthetic shares, the
+    same tokens a step), then the base window with `data.synthetic`'s shares until `pretrain.steps`."""
+    model_cfg, pre, synthetic = cfg["model"], cfg["pretrain"], cfg["data"]["synthetic"]
+    window, tokens_per_step = model_cfg["base_window"], pre["batch_size"] * model_cfg["base_window"]
+    phases = []
+    for index, phase in enumerate(pre.get("phases") or []):
+        if tokens_per_step % phase["seq_len"]:
+            raise ValueError(f"pretrain.phases[{index}].seq_len={phase['seq_len']} must divide the tokens of a step "
+                             f"({tokens_per_step} = pretrain.batch_size x model.base_window)")
+        phases.append(Phase(phase["steps"], phase["seq_len"], tokens_per_step // phase["seq_len"],
+                            row_maker(tokenizer, tokens, synthetic, phase, pre["seed"], exclude_keys)))
+    main_steps = pre["steps"] - sum(p.steps for p in phases)
+    if main_steps <= 0:
+        raise ValueError(f"pretrain.phases take {pre['steps'] - main_steps} steps, all of pretrain.steps={pre['steps']}")
+    return phases + [Phase(main_steps, window, pre["batch_size"],
+                           row_maker(tokenizer, tokens, synthetic, {}, pre["seed"], exclude_keys))]
 
 
 def build_base(cfg: dict, data_dir: Path, out: Path) -> dict:
@@ -33,8 +53,8 @@ def build_base(cfg: dict, data_dir: Path, out: Path) -> dict:
         info = describe(model)
         log(f"pretraining a {info['n_params'] / 1e6:.2f}M-parameter model at window {model_cfg['base_window']}")
         tokens = np.load(data_dir / "train.npy", mmap_mode="r")
-        mixer = PasskeyMixer(tokenizer, seed=pre["seed"], share=cfg["data"]["passkey_share"])
-        batches = pretrain_batches(tokens, model_cfg["base_window"], pre["batch_size"], pre["seed"], mixer)
+        batches = pretrain_batches(tokens, pretrain_phases(cfg, tokenizer, tokens, evaluation_keys(data_dir)),
+                                   pre["seed"])
         summary = {"source": "scratch",
                    **train(model, batches, {**pre, "dtype": model_cfg.get("dtype", "float32")}, out, label="pretrain")}
     save_model_dir(model, tokenizer, out / "model")

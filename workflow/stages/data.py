@@ -109,7 +109,7 @@ def build_data(cfg: dict, out_dir: Path) -> dict:
         "tokenizer": {"vocab_size": vocab_size, **special, **tok_info},
         "token_files": {"dtype": "uint16", "separator": "eos_id between documents"},
         "seeds": {"split": seed, "retrieval": int(retrieval_cfg["seed"])},
-        "passkey_share": float(cfg.get("passkey_share", 0.0)),
+        "synthetic": cfg["synthetic"],   # the synthetic retrieval rows of pretraining (workflow.synthetic)
         "retrieval": {**{k: retrieval_cfg[k] for k in ("lengths", "depths", "samples")}, **retrieval},
         "test_documents_reaching": documents_reaching(token_arrays["test"], eos_id),
         "wall_s": round(time.perf_counter() - t0, 2),

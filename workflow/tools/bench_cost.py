@@ -72,7 +72,7 @@ def bench_finetune(base, cell: dict, seq_len: int, rows: int, ft: dict, steps: i
 
     def step():
         with autocast(model, ft["dtype"]):
-            loss = model(**attention.training_inputs(model, batch)).loss
+            loss = model(**attention.training_inputs(model, {"input_ids": batch, "labels": batch})).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
