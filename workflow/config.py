@@ -17,7 +17,7 @@ from pathlib import Path
 from methods import ATTENTIONS, METHODS, REGIMES, get_attention, get_method
 from workflow.common import RESULT_SCHEMA_VERSION, config_hash
 from workflow.corpus import SOURCES
-from workflow.modeling import MODEL_SOURCES
+from workflow.modeling import MODEL_SOURCES, shipped_dir
 from workflow.ruler import FAMILIES
 from workflow.runtime import ATTN_IMPLEMENTATIONS, DTYPES
 from workflow.tasks import TASKS, TaskConfigError
@@ -74,6 +74,11 @@ def validate(cfg: dict) -> None:
         path = model["path"]
         if not path or not (Path(path) / "config.json").is_file():
             raise ConfigError(f"model.path={path!r} is not a Hugging Face checkpoint directory (no config.json)")
+    if model["source"] == "shipped":
+        try:
+            shipped_dir(model.get("shipped"))
+        except FileNotFoundError as exc:
+            raise ConfigError(str(exc)) from None
     for whole, part in (("hidden_size", "num_attention_heads"), ("num_attention_heads", "num_key_value_heads")):
         if model[whole] % model[part]:
             raise ConfigError(f"model.{whole}={model[whole]} must be a multiple of model.{part}={model[part]}")
@@ -323,8 +328,8 @@ def stage_config(cfg: dict, cell: dict | None = None, stage: str = "cell") -> di
     """The part of the configuration a stage depends on (its hash decides when Snakemake reruns it)."""
     data = {**cfg["data"], "retrieval": cfg["eval"]["retrieval"], "model_source": cfg["model"]["source"],
             "model_path": cfg["model"]["path"]}
-    if cfg["model"]["source"] in ("gguf_package", "hub"):  # where the data stage finds the tokenizer
-        data["model_import"] = {k: cfg["model"].get(k) for k in ("package", "gguf_file", "hub_id")}
+    if cfg["model"]["source"] in ("shipped", "gguf_package", "hub"):  # where the data stage finds the tokenizer
+        data["model_import"] = {k: cfg["model"].get(k) for k in ("shipped", "package", "gguf_file", "hub_id")}
     if stage == "data":
         return data
     base = {"model": cfg["model"], "pretrain": cfg["pretrain"], "data": data}

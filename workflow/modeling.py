@@ -4,6 +4,7 @@ Models load from safetensors only and never with `trust_remote_code`.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -13,7 +14,9 @@ from workflow.common import log
 from workflow.runtime import check_attn_implementation, compute_dtype, device
 
 # Where the base stage (and the data stage, for the tokenizer) imports a checkpoint from; `scratch` pretrains.
-IMPORT_SOURCES = ("hf_dir", "gguf_package", "hub")
+IMPORT_SOURCES = ("shipped", "hf_dir", "gguf_package", "hub")
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "models"   # checkpoints shipped with the repository
+PROVENANCE_FILE = "provenance.json"   # how a shipped checkpoint was made (workflow.tools.ship_base)
 MODEL_SOURCES = ("scratch", *IMPORT_SOURCES)  # the values of model.source
 
 
@@ -81,8 +84,15 @@ def locate_gguf(package: str, filename: str | None = None) -> Path:
 
 def import_location(spec: dict) -> tuple[str, dict, dict]:
     """(name or path, extra `from_pretrained` keywords, provenance) of an imported checkpoint. `spec` holds the
-    model config's `source` and its keys: `path` (hf_dir), `package`/`gguf_file` (gguf_package), `hub_id` (hub)."""
+    model config's `source` and its keys: `shipped` (a folder of models/), `path` (hf_dir), `package`/`gguf_file`
+    (gguf_package), `hub_id` (hub)."""
     source = spec["source"]
+    if source == "shipped":
+        where = shipped_dir(spec.get("shipped"))
+        made = json.loads((where / PROVENANCE_FILE).read_text())
+        return str(where), {}, {"source": "shipped", "shipped": spec.get("shipped"),
+                                "code_version": made.get("code_version"), "study": made.get("study"),
+                                "pretrain_steps": made.get("train", {}).get("steps")}
     if source == "hf_dir":
         path = spec.get("path")
         if not path or not Path(path).is_dir():
@@ -98,6 +108,16 @@ def import_location(spec: dict) -> tuple[str, dict, dict]:
     if source == "hub":
         return _hub_snapshot(spec.get("hub_id")), {}, {"source": "hub", "hub_id": spec.get("hub_id")}
     raise ValueError(f"model.source must be one of {', '.join(MODEL_SOURCES)}; got {source!r}")
+
+
+def shipped_dir(name: str | None) -> Path:
+    """models/<name>: a checkpoint shipped with the repository (config, safetensors weights, tokenizer, provenance)."""
+    where = SHIPPED_DIR / str(name)
+    if not name or not (where / "config.json").is_file() or not (where / PROVENANCE_FILE).is_file():
+        found = ", ".join(sorted(p.name for p in SHIPPED_DIR.glob("*/config.json"))) if SHIPPED_DIR.is_dir() else ""
+        raise FileNotFoundError(f"model.shipped={name!r} is not a checkpoint shipped in {SHIPPED_DIR} (a folder with "
+                                f"config.json and {PROVENANCE_FILE}); shipped: {found or 'none'}")
+    return where
 
 
 def _hub_snapshot(hub_id: str | None) -> str:

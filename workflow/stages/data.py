@@ -19,7 +19,27 @@ from pathlib import Path
 from workflow.common import RESULT_SCHEMA_VERSION, log, read_json, write_json
 from workflow.corpus import (SPECIAL_TOKENS, SPLITS, documents_reaching, encode_documents, open_source, save_npy,
                              sha256_lines, split_names, tokenizers_parallel, train_tokenizer)
+from workflow.modeling import PROVENANCE_FILE, import_location, import_tokenizer
 from workflow.retrieval import build_retrieval_sets
+
+
+def check_held_out(files: dict[str, list[str]], source_info: dict, provenance: dict | None) -> None:
+    """A shipped base model was pretrained on some corpus' train split: stop when this study's validation or test
+    split holds any of those documents (another data.seed or data.split than the one it was made with), since its
+    evaluation would then score text the model has seen."""
+    if not provenance:
+        return
+    pretrained = provenance.get("data", {})
+    if pretrained.get("source") != source_info.get("source"):
+        return
+    seen = set(pretrained.get("train_files") or [])
+    leaked = {split: sorted(seen & set(files[split])) for split in ("validation", "test")}
+    if any(leaked.values()):
+        listed = "; ".join(f"{split}: {len(names)} ({', '.join(names[:3])}...)" for split, names in leaked.items()
+                           if names)
+        raise ValueError(f"the shipped base model was pretrained on documents that this study holds out ({listed}): "
+                         f"keep data.seed and data.split as the model was made with ({pretrained.get('seed')}, "
+                         f"{pretrained.get('split')}), or pretrain from scratch (study=tiny_scratch)")
 
 
 def build_data(cfg: dict, out_dir: Path) -> dict:
@@ -54,10 +74,11 @@ def build_data(cfg: dict, out_dir: Path) -> dict:
         t1 = time.perf_counter()
         if cfg.get("model_source", "scratch") != "scratch":  # the imported checkpoint's tokenizer
             spec = {"source": cfg["model_source"], "path": cfg.get("model_path"), **(cfg.get("model_import") or {})}
-            from workflow.modeling import import_location, import_tokenizer
-
             tokenizer = import_tokenizer(spec)
-            tok_info = {"kind": "checkpoint", **import_location(spec)[2]}
+            where, _, provenance = import_location(spec)
+            made = Path(where) / PROVENANCE_FILE
+            check_held_out(files, source.info, read_json(made) if made.is_file() else None)
+            tok_info = {"kind": "checkpoint", **provenance}
             log(f"data: using the tokenizer of the imported checkpoint ({tok_info})")
         else:
             tokenizer, used = train_tokenizer(texts["train"], tok_cfg["vocab_size"], tok_cfg.get("min_frequency", 2),
