@@ -22,7 +22,7 @@ STUDIES = ("tiny", "micro", "smollm2", "llama2_7b")
 
 TINY_CELLS = {
     "none-exact-256-frozen",
-    *(f"{m}-exact-{n}-ft" for m in ("pi", "ntk", "dynamic_ntk", "yarn", "clex") for n in (512, 1024)),
+    *(f"{m}-exact-{n}-ft" for m in ("none", "pi", "ntk", "dynamic_ntk", "yarn", "clex") for n in (512, 1024)),
     *(f"{m}-exact-1024-frozen" for m in ("ntk", "dynamic_ntk", "yarn")),
     "none-lm_infinite-256-frozen",
     "none-landmark-256-ft",
@@ -32,7 +32,7 @@ TINY_CELLS = {
 def test_tiny_grid_is_exactly_the_configured_cells():
     cells = expand_grid(compose("tiny"))
     assert {c["cell_id"] for c in cells} == TINY_CELLS
-    assert len(cells) == 16
+    assert len(cells) == 18
 
 
 # The rows of config/grids/extended.yaml beyond the paper grid, in the micro study (base window 64, 128/256).
@@ -47,7 +47,7 @@ def test_micro_has_the_tiny_grid_shape_plus_the_extended_rows():
     cfg = compose("micro")
     cells = expand_grid(cfg)
     base = cfg["model"]["base_window"]
-    assert len(cells) == 16 + 9
+    assert len(cells) == 18 + 9
     assert {c["cell_id"] for c in cells} == {
         c.replace("-256-", f"-{base}-").replace("-512-", "-128-").replace("-1024-", "-256-")
         for c in TINY_CELLS} | EXTENDED_MICRO_CELLS
@@ -154,11 +154,11 @@ def test_cell_record_has_config_and_hash():
     ("grid=[{rope: dynamic_ntk, attention: exact, regime: frozen, train_len: 512, params: {factor: 0.5}}]",
      "factor must be a number >= 1, got 0.5"),
     ("grid=[{rope: none, attention: landmark, regime: frozen, train_len: base}]", "regime"),  # frozen but needs training
-    ("grid=[{rope: none, attention: exact, regime: finetuned, train_len: base}]", "a fine-tuned cell needs a method"),
+    ("grid=[{rope: none, attention: exact, regime: finetuned, train_len: base}]", "would only continue pretraining"),
     ("finetune.lr=inf", "finetune.lr must be a finite number, got inf"),
     ("finetune.lr=nan", "finetune.lr must be a finite number, got nan"),
     ("finetune.lr=0", "finetune.lr must be > 0, got 0"),
-    ("pretrain.schedule=zigzag", "pretrain.schedule must be one of cosine, constant_with_warmup, got 'zigzag'"),
+    ("pretrain.schedule=zigzag", "pretrain.schedule must be one of cosine, constant_with_warmup, warmup_stable_decay, got 'zigzag'"),
     ("finetune.checkpoint_every=0", "finetune.checkpoint_every must be >= 1, got 0"),
     ("finetune.tokens_per_step=1000", "finetune.tokens_per_step=1000 must be a multiple of grid[1].train_len=512"),
     ("grid=[{rope: yarn, attention: exact, regime: frozen, train_len: 512, params: {beta_quick: 3}}]", "beta_quick"),
@@ -202,7 +202,7 @@ def test_dry_run_lists_every_cell(tmp_path):
     out = run.stdout + run.stderr
     for cid in TINY_CELLS:
         assert f"cell={cid}" in out or f"finetuned_cell={cid}" in out, cid
-    assert out.count("rule finetune:") == 11 and out.count("rule evaluate:") == 16
+    assert out.count("rule finetune:") == 13 and out.count("rule evaluate:") == 18
 
 
 def test_dry_run_fails_early_on_bad_config(tmp_path):

@@ -273,9 +273,10 @@ def expand_grid(cfg: dict) -> list[dict]:
         for rope, attention, train_len, regime in itertools.product(*lists):
             if train_len == "base":
                 train_len = base_window
-            if rope == "none" and attention == "exact" and regime == "finetuned":
-                raise ConfigError(f"{where}: a fine-tuned cell needs a method (rope 'none' with exact attention "
-                                  "and regime 'finetuned' would only continue pretraining)")
+            if rope == "none" and attention == "exact" and regime == "finetuned" and train_len <= base_window:
+                raise ConfigError(f"{where}: the control cell (rope 'none', exact attention, fine-tuned) trains on longer "
+                                  f"rows with RoPE unchanged: train_len must be above model.base_window={base_window} "
+                                  f"(at the base window it would only continue pretraining), got {train_len}")
             if rope != "none" and train_len <= base_window:
                 raise ConfigError(f"{where}.train_len={train_len} must be above model.base_window={base_window} "
                                   f"for method {rope!r} (it is the extension target)")
