@@ -73,7 +73,8 @@ def stdlib_tokenizer(vocab=512, modules=("argparse.py", "typing.py", "inspect.py
 
 
 # ---------------------------------------------------------------------------------------------- stages as subprocesses
-OVERRIDES = ["pretrain.steps=4", "finetune.steps=16", "finetune.checkpoint_every=3"]
+OVERRIDES = ["pretrain.steps=4", "pretrain.phases=[{steps: 2, seq_len: 64, kv: 0.4, copy: 0.4}]", "finetune.steps=16",
+             "finetune.checkpoint_every=3"]
 CLEX = "clex-exact-256-ft"     # samples a random scale each step: resumption must restore the RNG
 FROZEN = "ntk-exact-256-frozen"
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from workflow.batches import finetune_batches, pretrain_batches
+from workflow.batches import Phase, RowMaker, finetune_batches, pretrain_batches
 from workflow.train import lr_at, train
 from tests.helpers import tiny_llama
 
@@ -19,7 +19,7 @@ def tiny_model():
 
 def batches():
     tokens = np.random.default_rng(0).integers(0, 64, size=5000).astype(np.uint16)
-    return pretrain_batches(tokens, 16, 4, seed=1)
+    return pretrain_batches(tokens, [Phase(6, 16, 4, RowMaker())], seed=1)
 
 
 def test_schedules():
@@ -66,21 +66,51 @@ def test_finetune_batches_read_the_same_tokens_at_every_length():
     tokens = np.arange(10_000, dtype=np.uint16)
     short, long = finetune_batches(tokens, 512, 2048), finetune_batches(tokens, 1024, 2048)
     for step in range(3):
-        assert torch.equal(short(step).flatten(), long(step).flatten())
+        assert torch.equal(short(step)["input_ids"].flatten(), long(step)["input_ids"].flatten())
     with pytest.raises(ValueError, match="multiple"):
         finetune_batches(tokens, 1000, 2048)
 
 
 class EveryOther:
     def row(self, i, length):
-        return np.full(length, 7) if i % 2 == 0 else None
+        return (np.full(length, 7), np.ones(length, dtype=np.int8)) if i % 2 == 0 else None
 
 
 def test_batches_are_pure_functions_of_the_step_and_mix_rows():
     tokens = np.random.default_rng(0).integers(0, 64, size=5000).astype(np.uint16)
-    fn = pretrain_batches(tokens, 16, 4, seed=3, mixer=EveryOther())
-    assert torch.equal(fn(5), fn(5)) and not torch.equal(fn(5), fn(6))
-    assert (fn(0)[0] == 7).all() and not (fn(0)[1] == 7).all()
+    fn = pretrain_batches(tokens, [Phase(10, 16, 4, RowMaker(EveryOther()))], seed=3)
+    ids = lambda step: fn(step)["input_ids"]  # noqa: E731
+    assert torch.equal(ids(5), ids(5)) and not torch.equal(ids(5), ids(6))
+    assert (ids(0)[0] == 7).all() and not (ids(0)[1] == 7).all()
+
+
+def test_weighted_loss_is_the_weighted_mean_of_token_losses():
+    """train's loss with loss_weights equals sum(w * CE) written out here; without, the model's own mean."""
+    from workflow.train import step_loss
+
+    model = tiny_model().eval()
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[1, :10] = -100
+    weights = torch.rand(3, 16, generator=torch.Generator().manual_seed(1))
+    weights[labels == -100] = 0
+    weights /= weights[:, 1:].sum()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        expected = sum(weights[r, p] * torch.nn.functional.cross_entropy(logits[r, p - 1], ids[r, p])
+                       for r in range(3) for p in range(1, 16) if labels[r, p] != -100)
+        got = step_loss(model, {"input_ids": ids, "labels": labels, "loss_weights": weights})
+        plain = step_loss(model, {"input_ids": ids, "labels": labels})
+        mean = torch.stack([torch.nn.functional.cross_entropy(logits[r, p - 1], ids[r, p])
+                            for r in range(3) for p in range(1, 16) if labels[r, p] != -100]).mean()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5) and plain.item() == pytest.approx(mean.item(), rel=1e-5)
+
+
+def test_warmup_stable_decay_schedule():
+    cfg = {**CFG, "steps": 10, "schedule": "warmup_stable_decay", "decay_fraction": 0.3, "min_lr_ratio": 0.1}
+    lrs = [lr_at(step, cfg) for step in range(10)]
+    assert lrs[:2] == pytest.approx([5e-3, 1e-2]) and lrs[2:7] == pytest.approx([1e-2] * 5)
+    assert lrs[7:] == pytest.approx([1e-2 - 9e-3 / 3, 1e-2 - 2 * 9e-3 / 3, 1e-3])
 
 
 def test_training_that_does_not_fit_stops_before_the_first_step(tmp_path, monkeypatch):

@@ -82,13 +82,36 @@ def validate(cfg: dict) -> None:
     for whole, part in (("hidden_size", "num_attention_heads"), ("num_attention_heads", "num_key_value_heads")):
         if model[whole] % model[part]:
             raise ConfigError(f"model.{whole}={model[whole]} must be a multiple of model.{part}={model[part]}")
-    if model["source"] == "scratch" and cfg["pretrain"]["lr"] <= 0:  # imported models are not pretrained
-        raise ConfigError(f"pretrain.lr must be > 0 when model.source is 'scratch', got {cfg['pretrain']['lr']!r}")
+    if model["source"] == "scratch":  # imported models are not pretrained
+        _check_pretraining(cfg["pretrain"], model["base_window"])
+    _check_synthetic(cfg)
     for name in cfg["eval"]["tasks"]:  # each task checks its own part of `eval` (workflow.tasks)
         try:
             TASKS[name].validate(cfg["eval"])
         except TaskConfigError as exc:
             raise ConfigError(str(exc)) from None
+
+
+def _check_pretraining(pre: dict, base_window: int) -> None:
+    """A scratch model's pretraining: a learning rate, and phases that fit its steps and tokens a step."""
+    if pre["lr"] <= 0:
+        raise ConfigError(f"pretrain.lr must be > 0 when model.source is 'scratch', got {pre['lr']!r}")
+    tokens_per_step = pre["batch_size"] * base_window
+    for index, phase in enumerate(pre["phases"]):
+        if tokens_per_step % phase["seq_len"]:
+            raise ConfigError(f"pretrain.phases[{index}].seq_len={phase['seq_len']} must divide the tokens of a step "
+                              f"({tokens_per_step} = pretrain.batch_size x model.base_window)")
+        if phase["kv"] + phase["copy"] > 1:
+            raise ConfigError(f"pretrain.phases[{index}]: kv + copy = {phase['kv'] + phase['copy']} exceeds 1")
+    if sum(phase["steps"] for phase in pre["phases"]) >= pre["steps"]:
+        raise ConfigError(f"pretrain.phases take {sum(p['steps'] for p in pre['phases'])} steps, not fewer than "
+                          f"pretrain.steps={pre['steps']}")
+
+
+def _check_synthetic(cfg: dict) -> None:
+    for where, shares in (("data.synthetic", cfg["data"]["synthetic"]), ("finetune.synthetic", cfg["finetune"]["synthetic"])):
+        if shares["kv"] + shares["copy"] > 1:
+            raise ConfigError(f"{where}: kv + copy = {shares['kv'] + shares['copy']} exceeds 1")
 
 
 # --- the schema -------------------------------------------------------------------------------------------------

@@ -28,15 +28,10 @@ def pretrain_phases(cfg: dict, tokenizer, tokens, exclude_keys) -> list[Phase]:
     model_cfg, pre, synthetic = cfg["model"], cfg["pretrain"], cfg["data"]["synthetic"]
     window, tokens_per_step = model_cfg["base_window"], pre["batch_size"] * model_cfg["base_window"]
     phases = []
-    for index, phase in enumerate(pre.get("phases") or []):
-        if tokens_per_step % phase["seq_len"]:
-            raise ValueError(f"pretrain.phases[{index}].seq_len={phase['seq_len']} must divide the tokens of a step "
-                             f"({tokens_per_step} = pretrain.batch_size x model.base_window)")
+    for phase in pre["phases"]:   # validated with the config (workflow.config: _check_pretraining)
         phases.append(Phase(phase["steps"], phase["seq_len"], tokens_per_step // phase["seq_len"],
                             row_maker(tokenizer, tokens, synthetic, phase, pre["seed"], exclude_keys)))
     main_steps = pre["steps"] - sum(p.steps for p in phases)
-    if main_steps <= 0:
-        raise ValueError(f"pretrain.phases take {pre['steps'] - main_steps} steps, all of pretrain.steps={pre['steps']}")
     return phases + [Phase(main_steps, window, pre["batch_size"],
                            row_maker(tokenizer, tokens, synthetic, {}, pre["seed"], exclude_keys))]
 
