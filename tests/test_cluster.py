@@ -32,7 +32,7 @@ def listed_jobs(out):
             for m in re.finditer(r"^(local)?rule (\w+):\n((?:    .*\n)*)", out, re.M)]
 
 
-@pytest.mark.parametrize("study,cells,jobs", [("smollm2", 16, 49), ("llama2_7b", 11, 34)])
+@pytest.mark.parametrize("study,cells,jobs", [("smollm2", 18, 55), ("llama2_7b", 12, 37)])
 def test_the_real_studies_dry_run_without_their_models(tmp_path, study, cells, jobs):
     out = snakemake(tmp_path, "-n", "-p", "--cores", "8", "--config", f"study={study}")
     assert re.search(rf"^total\s+{jobs}$", out, re.M), out[-2000:]
