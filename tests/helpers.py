@@ -186,6 +186,11 @@ def retrieval_eval(cell_id: str, task: str, reach: int) -> dict:
             acc = 1.0 if length <= reach else max(0.0, 1.0 - 0.25 * math.log2(length / reach) - 0.25 * depth)
             rows.append({"eval_len": length, "depth": depth, "metric": "accuracy", "value": acc, "n": 4,
                          "ci_low": max(0.0, acc - 0.3), "ci_high": min(1.0, acc + 0.3)})
+            token = 0.1 + 0.9 * acc ** 0.5          # graded metrics: partial retrieval before exact match moves
+            rows.append({"eval_len": length, "depth": depth, "metric": "token_accuracy", "value": token, "n": 4,
+                         "ci_low": max(0.0, token - 0.2), "ci_high": min(1.0, token + 0.2)})
+            rows.append({"eval_len": length, "depth": depth, "metric": "answer_logprob", "value": -2.3 * (1 - token),
+                         "n": 4, "ci_low": -2.3 * (1 - token) - 0.5, "ci_high": -2.3 * (1 - token) + 0.5})
     return {"schema_version": 1, "cell_id": cell_id, "task": task, "rows": rows,
             "meta": {"wall_s": 5.0, "peak_mem_mb": 650.0, "threads": 1}}
 
@@ -223,7 +228,10 @@ def build_study(root: Path, name: str = "fixture", hostile: bool = False) -> Pat
         "files": {"train": [f"lib/mod{i}.py" for i in range(200)]},
     }
     config = {"study": {"name": study_name, "train_lens": [512, 1024]},
-              "model": {"base_window": BASE_WINDOW, "hidden_size": 128},
+              "model": {"source": "scratch", "base_window": BASE_WINDOW, "hidden_size": 128},
+              "data": {"synthetic": {"kv": 0.3, "copy": 0.2, "answer_only": True, "weight": 0.5}},
+              "pretrain": {"steps": 4000, "phases": [{"steps": 1500, "seq_len": 128, "kv": 0.4, "copy": 0.4}]},
+              "finetune": {"synthetic": {"kv": 0.0, "copy": 0.0}},
               "eval": {"lengths": EVAL_LENGTHS}, "note": HOSTILE if hostile else "plain"}
     _write(study_dir / "study.json", {
         "name": study_name, "description": "A fixture study.", "base_window": BASE_WINDOW,
@@ -265,7 +273,9 @@ def build_study(root: Path, name: str = "fixture", hostile: bool = False) -> Pat
 # Rows the store must hold for build_study(hostile=False).
 EXPECTED_COUNTS = {
     "cells": 4,
-    "metrics": 3 * (2 * len(EVAL_LENGTHS) + 2 * len(RETRIEVAL_LENGTHS) * len(DEPTHS)
+    # per result cell: ppl and loss per length; accuracy, token_accuracy and answer_logprob per passkey/needle
+    # length x depth; a ruler score per task and length
+    "metrics": 3 * (2 * len(EVAL_LENGTHS) + 3 * 2 * len(RETRIEVAL_LENGTHS) * len(DEPTHS)
                     + len(RULER_TASKS) * len(RULER_LENGTHS)),
     "train_log": 60 + 3 * 30,
 }

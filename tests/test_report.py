@@ -409,7 +409,10 @@ def test_figures_are_standalone_svg_files(rendered):
 
 def test_title_block_and_appendix(rendered):
     html, _ = rendered
-    assert "A share of 15% of pretraining and fine-tuning rows are" in html
+    assert ("Pretraining: 4,000 steps: first 1,500 steps rows of 128 tokens with 40% key/value rows and 40% copy rows; "
+            "then rows of the base window with 30% key/value rows and 20% copy rows (only their answers and copies "
+            "scored, 50% of each step&#39;s loss on them)") in html
+    assert "Fine-tuning: text only, as the reference study fine-tunes." in html
     assert "1.41M parameters" in html and "4 layers" in html and "base window 256 tokens" in html
     assert "6 cells (4 fine-tuned, 1 frozen;" in html
     assert "abc1234" in html
@@ -718,3 +721,22 @@ def test_failed_cell_shows_its_reason(tmp_path):
     badge = escape("failed: finetune: FloatingPointError: loss became nan at step 7 <b>")
     assert f'<span class="badge">{badge}</span>' in html
     assert f"{cell} ({badge})" in html  # the first finding names it with its reason
+
+
+def test_graded_retrieval_and_effective_lengths(rendered, tmp_path):
+    """Per-token accuracy and the answer's log-probability get their own tables; each cell's effective length is
+    the longest length up to which its accuracy stays at or above the base cell's accuracy at the base window."""
+    html, _ = rendered
+    assert "per-answer-token accuracy (%)" in html and "mean log-probability of the answer" in html
+    from workflow.report.sections import effective_lengths
+
+    cells = [{"cell_id": c} for c in ("base", "a", "b", "c")]
+    rows = [{"cell_id": cid, "eval_len": n, "value": v} for cid, vals in
+            (("base", [0.9, 0.8, 0.1]), ("a", [0.95, 0.85, 0.7]), ("b", [0.8, 0.95, 0.95]), ("c", [1.0, 1.0, 0.95]))
+            for n, v in zip((256, 512, 1024), vals)]
+    eff = effective_lengths(cells, rows, "base", 256)
+    assert eff["threshold"] == 0.9
+    assert eff["cells"]["base"]["length"] == 256 and eff["cells"]["a"]["length"] == 256
+    assert eff["cells"]["b"]["length"] is None and eff["cells"]["b"]["text"] == "—"   # below at the shortest
+    assert eff["cells"]["c"]["length"] == 1024 and eff["cells"]["c"]["text"] == "≥ 1k"
+    assert "Effective needle length per cell" in html and "Effective passkey length per cell" in html

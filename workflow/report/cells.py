@@ -75,15 +75,40 @@ def token_counts(data: dict) -> dict[str, int]:
 
 def describe_data(data: dict) -> dict:
     data = data or {}
-    share = data.get("passkey_share")
-    if share is not None and share > 1:
-        share = share / 100
     order = ("train", "validation", "test")
     counts = sorted(token_counts(data).items(),
                     key=lambda kv: (order.index(kv[0]) if kv[0] in order else len(order), kv[0]))
     return {"source": data.get("source") or "not recorded", "description": data.get("description"),
-            "tokens": [(k, fmt_count(v)) for k, v in counts],
-            "passkey_share": None if share is None else f"{100 * share:g}%"}
+            "tokens": [(k, fmt_count(v)) for k, v in counts]}
+
+
+def _shares(kv: float, copy: float) -> str:
+    return f"{100 * kv:g}% key/value rows and {100 * copy:g}% copy rows"
+
+
+def describe_training_data(config: dict | None, model: dict | None) -> dict:
+    """What the synthetic retrieval rows (workflow.synthetic) were in pretraining and in fine-tuning, in words: the
+    base model's own record when it was shipped or pretrained here, the study's fine-tuning shares."""
+    config, model = config or {}, model or {}
+    made = model.get("made_with") or ({"pretrain": config.get("pretrain"), "synthetic": config.get("data", {}).get(
+        "synthetic")} if config.get("model", {}).get("source") == "scratch" else None)
+    if made and made.get("synthetic") and made.get("pretrain"):
+        syn, pre = made["synthetic"], made["pretrain"]
+        phases = "; ".join(f"first {p['steps']:,} steps rows of {p['seq_len']} tokens with {_shares(p['kv'], p['copy'])}"
+                           for p in pre.get("phases") or [])
+        weight = ("every scored token counting the same" if syn.get("weight") is None
+                  else f"{100 * syn['weight']:g}% of each step's loss on them")
+        scored = "only their answers and copies scored" if syn.get("answer_only") else "every token scored"
+        pretrain = (f"{pre['steps']:,} steps: {(phases + '; then ') if phases else ''}rows of the base window with "
+                    f"{_shares(syn['kv'], syn['copy'])} ({scored}, {weight}); the rest is the corpus")
+        if model.get("source") == "shipped":
+            pretrain += f" (the shipped base model {model.get('shipped')}, made by study {model.get('study')})"
+    else:
+        pretrain = "not pretrained here (an imported checkpoint)"
+    ft = (config.get("finetune") or {}).get("synthetic") or {}
+    finetune = ("text only, as the reference study fine-tunes" if not ft.get("kv") and not ft.get("copy")
+                else _shares(ft.get("kv", 0.0), ft.get("copy", 0.0)) + " at the training length")
+    return {"pretrain": pretrain, "finetune": finetune}
 
 
 def load_reference(directory: Path = REFERENCE_DIR) -> tuple[dict, dict]:

@@ -11,7 +11,7 @@ import duckdb
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
-from workflow.report.cells import describe_data, describe_model, load_cells, load_reference
+from workflow.report.cells import describe_data, describe_training_data, describe_model, load_cells, load_reference
 from workflow.report.charts import Chart
 from workflow.report.claims import Evidence, claims_scoreboard, correlations, findings
 from workflow.report.formatting import abbreviate, as_json, fmt_count, fmt_duration, fmt_len, pretty
@@ -64,7 +64,7 @@ def build_context(db: Db, ppl_clip: float) -> dict:
     base_cell = next((c["cell_id"] for c in cells if c["rope"] == "none" and c["attention"] == "exact"
                       and c["regime"] == "frozen"), None)
     ppl = perplexity_section(db, cells, base_window, ppl_clip)
-    retrieval = retrieval_section(db, cells)
+    retrieval = retrieval_section(db, cells, base_cell, base_window)
     suites = task_suites_section(db, cells)
     downstream = {task: info["means"] for task, info in retrieval.items()}
     for s in suites:  # a suite with several metrics gets one score per metric
@@ -89,6 +89,7 @@ def build_context(db: Db, ppl_clip: float) -> dict:
         "description": study.get("description"),
         "model": describe_model(study.get("model"), base_window),
         "data": describe_data(study.get("data") or manifest),
+        "training_data": describe_training_data(study.get("config"), study.get("model")),
         "grid": {"cells": len(cells), "finetuned": n_ft, "frozen": sum(c["regime"] == "frozen" for c in cells),
                  "not_ok": sum(not c["ok"] for c in cells),
                  "methods": sorted({c["method"] for c in cells if c["method"] != "—"}),

@@ -12,7 +12,9 @@ from workflow.report.queries import Db
 from workflow.report.style import Style
 
 PPL = ("ppl", "ppl")                # (task, metric) of perplexity rows
-ACCURACY = "accuracy"              # metric of retrieval rows (length x depth grid)
+ACCURACY = "accuracy"              # metric of retrieval rows (length x depth grid): exact match
+GRADED = (("token_accuracy", "per-answer-token accuracy (%)", lambda v: f"{100 * v:.0f}", "high"),
+          ("answer_logprob", "mean log-probability of the answer's tokens (nats)", lambda v: f"{v:.2f}", "high"))
 BASE_TRAIN_ID = "base"             # train_log cell id of the base model's pretraining
 TASK_ORDER = ("passkey", "needle")  # retrieval tasks shown first, in this order; others follow
 
@@ -76,8 +78,32 @@ def perplexity_section(db: Db, cells: list[dict], base_window, ppl_clip: float) 
     return {"rows": rows, "table": length_table(cells, rows, better="low", fmt=fmt_num), "chart": chart}
 
 
-def retrieval_section(db: Db, cells: list[dict]) -> dict:
-    """Per length x depth task: mean-over-depth table, one heatmap per cell, mean accuracy per cell."""
+def effective_lengths(cells: list[dict], by_len: list[dict], base_cell: str | None, base_window) -> dict:
+    """RULER's effective length: the threshold is the base model's accuracy inside its own window (the base cell
+    at model.base_window, averaged over depths); a cell's effective length is the longest evaluated length up to
+    which its accuracy stays at or above it at every evaluated length (None: already below at the shortest)."""
+    values = {(r["cell_id"], r["eval_len"]): r["value"] for r in by_len if r["value"] is not None}
+    threshold = values.get((base_cell, base_window))
+    if threshold is None or threshold <= 0:
+        return {"threshold": threshold, "cells": {}}
+    out = {}
+    for c in cells:
+        lengths = sorted(length for (cid, length) in values if cid == c["cell_id"])
+        reached = None
+        for length in lengths:
+            if values[(c["cell_id"], length)] < threshold:
+                break
+            reached = length
+        if lengths:
+            out[c["cell_id"]] = {"length": reached, "all": reached == lengths[-1],
+                                 "text": "—" if reached is None else (f"≥ {fmt_len(reached)}" if reached == lengths[-1]
+                                                                      else fmt_len(reached))}
+    return {"threshold": threshold, "cells": out}
+
+
+def retrieval_section(db: Db, cells: list[dict], base_cell: str | None = None, base_window=None) -> dict:
+    """Per length x depth task: exact-match table by length (mean over depths), the graded metrics by length, one
+    heatmap per cell, mean accuracy per cell and each cell's effective length."""
     out = {}
     tasks = [r["task"] for r in db.rows("retrieval_tasks", ACCURACY)]
     for task in sorted(tasks, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER), t)):
@@ -93,9 +119,17 @@ def retrieval_section(db: Db, cells: list[dict]) -> dict:
             else:
                 absent.append(c["cell_id"])
         by_len = db.rows("retrieval_by_length", task, ACCURACY)
+        graded = []
+        for metric, label, fmt, better in GRADED:
+            rows = db.rows("retrieval_by_length", task, metric)
+            if rows:
+                graded.append({"metric": metric, "label": label,
+                               "table": length_table(cells, rows, better=better, fmt=fmt)})
         out[task] = {
             "grid": grid,
             "table": length_table(cells, by_len, better="high", fmt=lambda v: f"{100 * v:.0f}"),
+            "graded": graded,
+            "effective": effective_lengths(cells, by_len, base_cell, base_window),
             "panels": panels, "absent": absent,
             "means": {r["cell_id"]: r["value"] for r in db.rows("retrieval_mean", task, ACCURACY)},
         }

@@ -15,7 +15,7 @@ import numpy as np
 from workflow.batches import Phase, pretrain_batches
 from workflow.common import stage_parser, log, read_json, set_threads, write_json
 from workflow.modeling import (build_scratch_model, check_imported, describe, import_model, save_model_dir,
-                               shipped_dir)
+                               PROVENANCE_FILE, shipped_dir)
 from workflow.retrieval import evaluation_keys
 from workflow.runtime import device
 from workflow.synthetic import row_maker
@@ -46,11 +46,13 @@ def build_base(cfg: dict, data_dir: Path, out: Path) -> dict:
         check_imported(model, model_cfg)
         log(f"imported {summary.get('source')} {summary.get('shipped') or ''} "
             f"({describe(model)['n_params'] / 1e6:.1f}M parameters)")
-        if model_cfg["source"] == "shipped":   # its pretraining log and summary, for the report's training section
-            for name in ("train_log.jsonl", "train_summary.json"):
-                if (shipped_dir(model_cfg["shipped"]) / name).is_file():
-                    out.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(shipped_dir(model_cfg["shipped"]) / name, out / name)
+        if model_cfg["source"] == "shipped":   # its pretraining curve for the report (its compute is not this study's)
+            where = shipped_dir(model_cfg["shipped"])
+            if (where / "train_log.jsonl").is_file():
+                out.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(where / "train_log.jsonl", out / "train_log.jsonl")
+            made = read_json(where / PROVENANCE_FILE)
+            summary["made_with"] = {"pretrain": made.get("pretrain"), "synthetic": made.get("data", {}).get("synthetic")}
     else:
         model = build_scratch_model(model_cfg, tokenizer, seed=pre["seed"]).to(device())
         info = describe(model)
