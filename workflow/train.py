@@ -139,9 +139,10 @@ def step_loss(model, inputs: dict) -> torch.Tensor:
     if weights is None:
         return model(**inputs).loss
     logits = model(input_ids=inputs["input_ids"]).logits[:, :-1].float()
-    labels = inputs["labels"][:, 1:]
-    token_loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-    weights = torch.where(labels == -100, 0.0, weights[:, 1:].to(token_loss.dtype))
+    labels = inputs["labels"][:, 1:].reshape(-1)
+    token_loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.clamp(min=0),
+                                                   reduction="none")
+    weights = torch.where(labels == -100, 0.0, weights[:, 1:].reshape(-1).to(token_loss.dtype))
     return (token_loss * weights).sum() * distributed.world_size()
 
 
