@@ -367,7 +367,7 @@ class LandmarkAttention(AttentionMethod):
             labels[:, regular] = labels_in
             landmark = torch.ones(ids.shape[1], dtype=torch.bool, device=ids.device)
             landmark[regular] = False
-            at = torch.flatnonzero(landmark)
+            at = torch.nonzero(landmark).flatten()
             labels[:, at] = torch.where(labels[:, at - 1] != -100, landmark_id, -100)
             if landmark[-1]:
                 labels[:, -1] = -100

@@ -427,7 +427,7 @@ def test_memory_inference_equals_a_naive_implementation_of_the_official_algorith
 def test_training_inputs_with_the_landmarks_in_the_loss():
     model = _landmark_model(True)
     batch = torch.randint(0, 40, (2, 10))
-    inputs = attention_of(model).training_inputs(model, batch)
+    inputs = attention_of(model).training_inputs(model, {"input_ids": batch, "labels": batch})
     ids, labels = inputs["input_ids"], inputs["labels"]
     assert ids.shape == (2, 13) and torch.equal(labels, ids)       # LCEG: labels = the inserted sequence
     loss = model(**inputs).loss
@@ -438,7 +438,7 @@ def test_training_inputs_with_the_landmarks_in_the_loss():
     loss.backward()
     assert torch.isfinite(loss) and model.get_input_embeddings().weight.grad[40].abs().sum() > 0
     # a row of 9 = 3·3 tokens ends with a landmark, which LCEG's rows never have: no target there
-    labels = attention_of(model).training_inputs(model, batch[:, :9])["labels"]
+    labels = attention_of(model).training_inputs(model, {"input_ids": batch[:, :9], "labels": batch[:, :9]})["labels"]
     assert labels.shape == (2, 12) and (labels[:, -1] == -100).all() and (labels[:, :-1] != -100).all()
 
 
@@ -456,6 +456,36 @@ def test_training_inputs_with_the_landmarks_out_of_the_loss():
     loss = model(**inputs).loss
     loss.backward()
     assert torch.isfinite(loss) and model.get_input_embeddings().weight.grad[40].abs().sum() > 0
+
+
+@pytest.mark.parametrize("in_loss", [True, False])
+def test_masked_labels_and_loss_weights_follow_their_tokens(in_loss):
+    """Synthetic rows score only their answers (labels -100 elsewhere) and carry loss weights: after the landmarks
+    are inserted, each scored target is the same token with the same weight; a landmark is scored only after a
+    scored token (landmark_in_loss), and the weights keep their sum."""
+    model = _landmark_model(in_loss)
+    ids = torch.randint(0, 40, (2, 10), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[0, :6] = -100
+    weights = torch.where(labels == -100, 0.0, torch.rand(2, 10, generator=torch.Generator().manual_seed(3)))
+    weights[:, 0] = 0
+    weights /= weights.sum()
+    out = attention_of(model).training_inputs(model, {"input_ids": ids, "labels": labels, "loss_weights": weights})
+    new_ids, new_labels, new_weights = out["input_ids"], out["labels"], out["loss_weights"]
+    _, regular = insert_landmarks(ids, 3, 40)
+    assert new_weights.sum().item() == pytest.approx(1.0)
+    # the target after (new) position p is new_labels[p + 1]; the regular token i + 1 must keep its label and weight
+    for i in range(9):
+        nxt = regular[i + 1] if in_loss else regular[i] + 1
+        assert new_labels[:, nxt].tolist() == labels[:, i + 1].tolist()
+        ratio = new_weights[:, nxt] / weights[:, i + 1].clamp(min=1e-12)
+        assert torch.allclose(ratio[labels[:, i + 1] != -100], ratio[labels[:, i + 1] != -100][0])
+    landmarks = [p for p in range(new_ids.shape[1]) if p not in set(regular.tolist())]
+    for p in landmarks:
+        if in_loss and p < new_ids.shape[1] - 1:
+            assert ((new_labels[:, p] == 40) == (new_labels[:, p - 1] != -100)).all()
+        else:
+            assert (new_labels[:, p] != 40).all()
 
 
 # --- generation and answer logits ---------------------------------------------------------------------------------
