@@ -381,7 +381,8 @@ def test_the_schema_documents_and_closes_every_object():
     # every key is required but those only some studies set, the grid's overrides and the registry-named ones
     optional = {f"{path}.{key}" for path, node in nodes if node.get("type") == "object" and "x-properties-from" not in node
                 for key in set(node.get("properties", {})) - set(node.get("required", []))}
-    assert optional == {"$.model.package", "$.model.gguf_file", "$.model.hub_id", "$.finetune.gradient_checkpointing",
+    assert optional == {"$.model.package", "$.model.gguf_file", "$.model.hub_id", "$.model.shipped",
+                        "$.finetune.gradient_checkpointing",
                         "$.finetune.fused_adamw", "$.finetune.launcher", "$.grid[].params", "$.grid[].attention_params"}
 
 
