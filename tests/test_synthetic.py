@@ -2,6 +2,7 @@
 length, answers where the mask says, shares as configured, no fixed key-to-answer offset, nothing from the
 evaluation sets, and loss weights that put the configured share of a step's loss on the synthetic targets."""
 import collections
+import json
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import torch
 from tests.helpers import stdlib_tokenizer
 from workflow import corpus, synthetic
 from workflow.batches import Phase, RowMaker, finetune_batches, pretrain_batches
-from workflow.retrieval import needle_example, passkey_example
+from workflow.retrieval import EVALUATION_KEY_SHARE, is_evaluation_key, needle_example, passkey_example
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +21,9 @@ def tok_and_code():
     return tokenizer, code
 
 
-def rows_of(tok_and_code, mix=None, seed=3, exclude=()):
+def rows_of(tok_and_code, mix=None, seed=3):
     tokenizer, code = tok_and_code
-    return synthetic.for_tokenizer(tokenizer, code, mix or synthetic.Mix(kv=0.5, copy=0.3), seed, exclude)
+    return synthetic.for_tokenizer(tokenizer, code, mix or synthetic.Mix(kv=0.5, copy=0.3), seed)
 
 
 def test_rows_are_a_function_of_seed_and_index_with_exact_length(tok_and_code):
@@ -108,8 +109,10 @@ def test_evaluation_keys_and_prompts_never_appear_in_training(tok_and_code):
                   for d in (0.0, 0.5, 1.0)]
     evaluation += [needle_example(held_out, tokenizer, 256, 0.5, np.random.default_rng(k)) for k in range(20)]
     keys = {row["answer"] for row in evaluation}
-    rows = synthetic.for_tokenizer(tokenizer, train, synthetic.Mix(kv=0.6, copy=0.4), 5, exclude_keys=keys)
-    assert all(rows.key(np.random.default_rng(s)) not in keys for s in range(2000))
+    assert all(is_evaluation_key(key) for key in keys)            # the evaluation draws from its share of keys
+    rows = synthetic.for_tokenizer(tokenizer, train, synthetic.Mix(kv=0.6, copy=0.4), 5)
+    drawn = [rows.key(np.random.default_rng(s)) for s in range(4000)]
+    assert not any(is_evaluation_key(key) for key in drawn) and not keys & set(drawn)
     # every 12-token window of an evaluation prompt that holds its key's digits (the templates and filler sentences
     # are the task's format and are shared; a prompt's key, in its place, is not)
     prompts = set()
@@ -169,7 +172,6 @@ def test_training_rows_hold_no_test_split_text(stage):
     key."""
     from transformers import AutoTokenizer
 
-    from workflow.retrieval import evaluation_keys
     from workflow.stages.base import pretrain_phases
 
     data = stage["root"] / "data"
@@ -177,8 +179,9 @@ def test_training_rows_hold_no_test_split_text(stage):
     train, test = np.load(data / "train.npy"), np.load(data / "test.npy")
     cfg = {**stage["cfg"], "data": {**stage["cfg"]["data"], "synthetic": {**stage["cfg"]["data"]["synthetic"],
                                                                          "kv": 0.5, "copy": 0.5}}}
-    keys = evaluation_keys(data)
-    phases = pretrain_phases(cfg, tokenizer, train, keys)
+    keys = {json.loads(line)["answer"] for task in ("passkey", "needle")
+            for line in (data / f"{task}.jsonl").read_text().splitlines()}
+    phases = pretrain_phases(cfg, tokenizer, train)
     grams = lambda a: {tuple(a[k:k + 16].tolist()) for k in range(len(a) - 16)}  # noqa: E731
     only_test = grams(test) - grams(train)
     batches = pretrain_batches(train, phases, seed=0)
@@ -186,3 +189,14 @@ def test_training_rows_hold_no_test_split_text(stage):
         for row in batches(step)["input_ids"]:
             assert not grams(row.numpy()) & only_test
             assert not any(f" {key}." in tokenizer.decode(row.tolist()) for key in keys)
+
+
+def test_the_evaluations_share_of_keys():
+    """One number in EVALUATION_KEY_SHARE is an evaluation key, for every length; RULER's numbers are too."""
+    from workflow import ruler
+
+    for low in (10 ** 4, 10 ** 6):
+        share = np.mean([is_evaluation_key(str(k)) for k in range(low, low + 20000)])
+        assert share == pytest.approx(1 / EVALUATION_KEY_SHARE, abs=0.01)
+    rng = np.random.default_rng(0)
+    assert all(is_evaluation_key(ruler._random("numbers", rng, [])) for _ in range(50))

@@ -11,6 +11,7 @@ Every function takes a numpy Generator; the same seed gives the same rows on eve
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -31,6 +32,7 @@ NEEDLE = "\n# The magic number is {key}.\n"
 NEEDLE_QUESTION = "\n# What is the magic number? The magic number is"
 ANSWER = " {key}"
 KEY_LOW, KEY_HIGH = 10000, 100000  # 5-digit keys: integers in [KEY_LOW, KEY_HIGH)
+EVALUATION_KEY_SHARE = 8            # one number in 8 is an evaluation key (is_evaluation_key)
 
 TASKS = ("passkey", "needle")
 
@@ -77,8 +79,23 @@ def pieces(tokenizer_or_fn) -> Pieces:
     return out
 
 
+def is_evaluation_key(key: str) -> bool:
+    """Whether a number (as text) belongs to the evaluation's share of the key space: a fixed hash puts one number
+    in EVALUATION_KEY_SHARE there. The evaluation sets (passkey, needle, RULER's numbers) draw only such keys and
+    training rows (workflow.synthetic) never, so no evaluation key appears in training whatever the sets' size."""
+    return hashlib.sha256(f"ctxext-evaluation-key:{key}".encode()).digest()[0] % EVALUATION_KEY_SHARE == 0
+
+
+def evaluation_key(rng: np.random.Generator, low: int = KEY_LOW, high: int = KEY_HIGH) -> str:
+    """A random evaluation key: an integer in [low, high) drawn until it is one (is_evaluation_key)."""
+    while True:
+        key = str(int(rng.integers(low, high)))
+        if is_evaluation_key(key):
+            return key
+
+
 def _key(rng: np.random.Generator) -> str:
-    return str(int(rng.integers(KEY_LOW, KEY_HIGH)))
+    return evaluation_key(rng)
 
 
 def _repeat(ids: tuple[int, ...], n: int) -> list[int]:
@@ -182,13 +199,3 @@ def build_retrieval_sets(tokenizer, test_ids, cfg: dict, out_dir: Path) -> dict:
         _write_jsonl(out_dir / f"{task}.jsonl", rows)
         summary[task] = {"rows": len(rows), "lengths": written, "skipped_lengths": skipped}
     return summary
-
-
-def evaluation_keys(data_dir: Path) -> set[str]:
-    """The answers of the study's retrieval sets (passkey.jsonl, needle.jsonl): training never uses them as keys."""
-    keys = set()
-    for task in TASKS:
-        path = Path(data_dir) / f"{task}.jsonl"
-        if path.exists():
-            keys.update(json.loads(line)["answer"] for line in path.read_text().splitlines() if line.strip())
-    return keys

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from workflow.retrieval import PASSKEY_FILLER
+from workflow.retrieval import PASSKEY_FILLER, evaluation_key
 
 NOISE = PASSKEY_FILLER.strip()  # RULER's "repeat" haystack / VT noise sentence
 NIAH_TEMPLATE = ("Some special magic {type_v} are hidden within the following text. Make sure to memorize it. "
@@ -171,7 +171,7 @@ def fit(build, budget: int, encode, lo: int, hi: int):
 
 def _random(kind: str, rng: np.random.Generator, words: list[str]) -> str:
     if kind == "numbers":
-        return str(int(rng.integers(1_000_000, 10_000_000)))  # 7 digits, as RULER
+        return evaluation_key(rng, 1_000_000, 10_000_000)  # 7 digits, as RULER (never a training key)
     if kind == "words":
         return words[int(rng.integers(len(words)))]
     if kind == "uuids":
@@ -237,7 +237,7 @@ def _vt(fam: Family, src: Source, budget: int, rng: np.random.Generator, num_hop
         name = "".join(rng.choice(list(string.ascii_uppercase), size=5))
         if name not in names:
             names.append(name)
-    value = str(int(rng.integers(10000, 100000)))
+    value = evaluation_key(rng, 10000, 100000)
     chain = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(num_hops)]
     depths = sorted(float(d) for d in rng.choice(DEPTHS, size=len(chain), replace=False))
 

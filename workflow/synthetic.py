@@ -14,17 +14,20 @@ training rows; each comes with a mask of its supervised tokens (the answers and 
   digits after a space) inside code, each repeated at random gaps; copying them needs matching on more than
   the previous token (a digit string repeats digits).
 
-Nothing here reads the test split: haystacks are training code or the filler pool, keys are random and never
-one of the evaluation sets' keys (`exclude_keys`), names come from a fixed word list. Row `i` of a run is a
-function of (seed, i) only.
+Nothing here reads the test split: haystacks are training code or the filler pool, keys are random numbers outside
+the evaluation's share of the key space (`workflow.retrieval.is_evaluation_key`), names come from a fixed word
+list. Row `i` of a run is a function of (seed, i) only.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
+
+from workflow.batches import RowMaker
+from workflow.retrieval import is_evaluation_key
 
 # Statement and question of a key; {key} the number, {name} the key's name (named templates only).
 TEMPLATES: tuple[tuple[str, str], ...] = (
@@ -108,10 +111,9 @@ class SyntheticRows:
     `space_id`/`digit_ids` the tokens of ' ' before a number and of the ten digits (digits are single tokens)."""
 
     def __init__(self, encode: Callable[[str], list[int]], code: np.ndarray, vocabulary: np.ndarray, space_id: int,
-                 digit_ids: list[int], mix: Mix, seed: int, exclude_keys: Iterable[str] = ()):
+                 digit_ids: list[int], mix: Mix, seed: int):
         self.encode, self.code, self.vocabulary = encode, code, np.asarray(vocabulary)
         self.space_id, self.digit_ids, self.mix, self.seed = int(space_id), list(digit_ids), mix, int(seed)
-        self.exclude_keys = frozenset(str(k) for k in exclude_keys)
         self.filler = [encode(" " + sentence) for sentence in FILLER]
         self._encoded: dict[str, list[int]] = {}
         if len(code) < 2:
@@ -128,7 +130,7 @@ class SyntheticRows:
         while True:
             digits = int(rng.integers(KEY_DIGITS[0], KEY_DIGITS[1] + 1))
             key = str(int(rng.integers(10 ** (digits - 1), 10 ** digits)))
-            if key not in self.exclude_keys:
+            if not is_evaluation_key(key):
                 return key
 
     def code_slice(self, rng: np.random.Generator, n: int) -> list[int]:
@@ -206,7 +208,7 @@ class SyntheticRows:
         return np.asarray(ids, dtype=np.int64), np.asarray(mask, dtype=np.int8)
 
 
-def for_tokenizer(tokenizer, code: np.ndarray, mix: Mix, seed: int, exclude_keys: Iterable[str] = ()) -> SyntheticRows:
+def for_tokenizer(tokenizer, code: np.ndarray, mix: Mix, seed: int) -> SyntheticRows:
     """SyntheticRows for a Hugging Face tokenizer whose digits are single tokens (the study tokenizers)."""
     encode = lambda text: list(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
     space = encode(" 5")
@@ -216,16 +218,13 @@ def for_tokenizer(tokenizer, code: np.ndarray, mix: Mix, seed: int, exclude_keys
                          f"before a number (' 5' -> {space})")
     special = set(tokenizer.all_special_ids)
     vocabulary = np.array([i for i in range(len(tokenizer)) if i not in special], dtype=np.int64)
-    return SyntheticRows(encode, code, vocabulary, space[0], [d[0] for d in digit_ids], mix, seed, exclude_keys)
+    return SyntheticRows(encode, code, vocabulary, space[0], [d[0] for d in digit_ids], mix, seed)
 
 
-def row_maker(tokenizer, code: np.ndarray, synthetic_cfg: dict, shares: dict, seed: int,
-              exclude_keys: Iterable[str] = ()):
+def row_maker(tokenizer, code: np.ndarray, synthetic_cfg: dict, shares: dict, seed: int):
     """The batches' RowMaker for a training stage: `synthetic_cfg` is `data.synthetic` (mix shape, answer_only,
     weight), `shares` the stage's {kv, copy} shares (they override the data config's)."""
-    from workflow.batches import RowMaker
-
     mix = Mix(kv=float(shares.get("kv", synthetic_cfg["kv"])), copy=float(shares.get("copy", synthetic_cfg["copy"])),
               multikey=float(synthetic_cfg["multikey"]), code_haystack=float(synthetic_cfg["code_haystack"]))
-    rows = for_tokenizer(tokenizer, code, mix, seed, exclude_keys) if mix.total > 0 else None
+    rows = for_tokenizer(tokenizer, code, mix, seed) if mix.total > 0 else None
     return RowMaker(rows, answer_only=synthetic_cfg["answer_only"], weight=synthetic_cfg["weight"] if rows else None)

@@ -16,13 +16,12 @@ from workflow.batches import Phase, pretrain_batches
 from workflow.common import stage_parser, log, read_json, set_threads, write_json
 from workflow.modeling import (build_scratch_model, check_imported, describe, import_model, save_model_dir,
                                PROVENANCE_FILE, shipped_dir)
-from workflow.retrieval import evaluation_keys
 from workflow.runtime import device
 from workflow.synthetic import row_maker
 from workflow.train import remove_checkpoint, train
 
 
-def pretrain_phases(cfg: dict, tokenizer, tokens, exclude_keys) -> list[Phase]:
+def pretrain_phases(cfg: dict, tokenizer, tokens) -> list[Phase]:
     """The phases of pretraining: `pretrain.phases` first (each with its own row length and synthetic shares, the
     same tokens a step), then the base window with `data.synthetic`'s shares until `pretrain.steps`."""
     model_cfg, pre, synthetic = cfg["model"], cfg["pretrain"], cfg["data"]["synthetic"]
@@ -30,10 +29,10 @@ def pretrain_phases(cfg: dict, tokenizer, tokens, exclude_keys) -> list[Phase]:
     phases = []
     for phase in pre["phases"]:   # validated with the config (workflow.config: _check_pretraining)
         phases.append(Phase(phase["steps"], phase["seq_len"], tokens_per_step // phase["seq_len"],
-                            row_maker(tokenizer, tokens, synthetic, phase, pre["seed"], exclude_keys)))
+                            row_maker(tokenizer, tokens, synthetic, phase, pre["seed"])))
     main_steps = pre["steps"] - sum(p.steps for p in phases)
     return phases + [Phase(main_steps, window, pre["batch_size"],
-                           row_maker(tokenizer, tokens, synthetic, {}, pre["seed"], exclude_keys))]
+                           row_maker(tokenizer, tokens, synthetic, {}, pre["seed"]))]
 
 
 def build_base(cfg: dict, data_dir: Path, out: Path) -> dict:
@@ -58,8 +57,7 @@ def build_base(cfg: dict, data_dir: Path, out: Path) -> dict:
         info = describe(model)
         log(f"pretraining a {info['n_params'] / 1e6:.2f}M-parameter model at window {model_cfg['base_window']}")
         tokens = np.load(data_dir / "train.npy", mmap_mode="r")
-        batches = pretrain_batches(tokens, pretrain_phases(cfg, tokenizer, tokens, evaluation_keys(data_dir)),
-                                   pre["seed"])
+        batches = pretrain_batches(tokens, pretrain_phases(cfg, tokenizer, tokens), pre["seed"])
         summary = {"source": "scratch",
                    **train(model, batches, {**pre, "dtype": model_cfg.get("dtype", "float32")}, out, label="pretrain")}
     save_model_dir(model, tokenizer, out / "model")

@@ -20,7 +20,6 @@ from workflow.batches import finetune_batches
 from workflow import distributed, rope_search
 from workflow.common import run_cell_stage, stage_parser, read_json, set_threads, write_json
 from workflow.modeling import apply_cell_method, load_model, save_model_dir
-from workflow.retrieval import evaluation_keys
 from workflow.synthetic import row_maker
 from workflow.train import remove_checkpoint, train
 
@@ -38,8 +37,7 @@ def finetune_cell(cfg: dict, data_dir: Path, base_dir: Path, out: Path) -> dict:
         rope_search.search_cell(model, cfg, data_dir, out, cfg["train_len"], None, model_cfg.get("dtype", "float32"))
     tokens = np.load(data_dir / "train.npy", mmap_mode="r")
     # synthetic rows in fine-tuning: finetune.synthetic's shares (the reference study fine-tunes on text only)
-    rows = row_maker(tokenizer, tokens, cfg["base"]["data"]["synthetic"], ft["synthetic"], ft["seed"],
-                     evaluation_keys(data_dir))
+    rows = row_maker(tokenizer, tokens, cfg["base"]["data"]["synthetic"], ft["synthetic"], ft["seed"])
     batches = finetune_batches(tokens, cfg["train_len"], ft["tokens_per_step"], rows)
     attention = attention_of(model)  # e.g. Landmark inserts its tokens (in the loss or not: landmark_in_loss)
     summary = train(model, batches, {**ft, "dtype": model_cfg.get("dtype", "float32")}, out, label=f"finetune {cfg['cell_id']}",
