@@ -234,6 +234,18 @@ def test_methods_yaml_cites_each_method_on_arxiv():
         cells.paper_link({"arxiv": "javascript:alert(1)"})
 
 
+def test_every_registered_method_has_its_overview_entry_and_label():
+    """Adding a method to the registry needs its overview text: the report labels cells from methods.yaml."""
+    from methods import ATTENTION_METHODS, METHODS
+
+    methods, _ = cells.load_reference()
+    assert set(methods["rope"]) == set(METHODS) and set(methods["attention"]) == set(ATTENTION_METHODS)
+    assert all(entry.get("label") for group in ("rope", "attention") for entry in methods[group].values())
+    assert cells.method_label("yarn", "lm_infinite", methods) == "YaRN + LM-Infinite"
+    assert cells.method_label("pi", "longlora", methods) == "PI + LongLoRA"
+    assert cells.method_label("none", "self_extend", methods) == "Self-Extend"
+
+
 def test_method_overview_links_its_definition_and_paper(rendered):
     html, db = rendered
     body = re.search(r'<section id="cells">(.*?)</section>', html, flags=re.S).group(1)

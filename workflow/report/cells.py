@@ -15,17 +15,16 @@ from workflow.report.style import cell_style
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE_DIR = REPO / "reports" / "reference"   # methods.yaml (overview text), paper.yaml (published numbers)
 
-ROPE_LABELS = {"none": "RoPE (base)", "pi": "PI", "ntk": "NTK", "dynamic_ntk": "Dynamic NTK",
-               "yarn": "YaRN", "clex": "CLEX"}
-ATTENTION_LABELS = {"exact": "exact", "lm_infinite": "LM-Infinite", "landmark": "Landmark"}
 ARXIV_ID = re.compile(r"\d{4}\.\d{4,5}")
 
 
-def method_label(rope: str, attention: str) -> str:
-    rope_label = ROPE_LABELS.get(rope, rope)
+def method_label(rope: str, attention: str, methods: dict) -> str:
+    """The method's name as the overview (methods.yaml `label`) gives it: the RoPE method, the attention kind, or
+    both (e.g. "YaRN + LM-Infinite"); a name missing from methods.yaml is shown as it is."""
+    rope_label = methods["rope"].get(rope, {}).get("label", rope)
     if attention == "exact":
         return rope_label
-    attn = ATTENTION_LABELS.get(attention, attention)
+    attn = methods["attention"].get(attention, {}).get("label", attention)
     return attn if rope == "none" else f"{rope_label} + {attn}"
 
 
@@ -131,7 +130,7 @@ def load_cells(db: Db, expected: list[str], methods: dict) -> list[dict]:
         rope = methods["rope"].get(c["rope"], {})
         attn = methods["attention"].get(c["attention"], {})
         known = c["rope"] is not None
-        c["method"] = method_label(c["rope"], c["attention"]) if known else "—"
+        c["method"] = method_label(c["rope"], c["attention"], methods) if known else "—"
         c["family"] = ("approximate" if "approximate" in (rope.get("family"), attn.get("family")) else "exact") \
             if known else "—"
         c["changes"] = "; ".join(d["changes"] for d, name in ((rope, c["rope"]), (attn, c["attention"]))
