@@ -250,6 +250,65 @@ class AttentionMethod:
             return decode_greedily(first, step, max_new_tokens, stop, pad_id)
 
 
+# --- kinds whose attention function reads the model's rotated keys and its rotary frequencies --------------------
+_OWNER = "_ctxext_rotary_owner"  # attribute on each attention layer: weak reference to the module holding rotary_emb
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[b, h_kv, T, d] -> [b, h_kv * groups, T, d] (grouped-query attention)."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def padding_only_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                      attention_mask=None, **kwargs):
+    """Mask builder of a kind whose attention function builds causality itself: None for unpadded inputs, else the
+    2-D padding mask, which that function rejects with a clear message."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    return None if bool(attention_mask.all()) else attention_mask
+
+
+def register_attention_function(name: str, function) -> None:
+    """Register `function` with transformers' AttentionInterface under `name`, with the padding-only mask builder."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, padding_only_mask)
+
+
+class RotaryAttentionMethod(AttentionMethod):
+    """An attention kind realised by an attention function (registered as `attn_implementation`) that re-rotates
+    the keys and queries the model's attention layers hand it, so it needs the rotary module's frequencies: every
+    layer is pointed at the module that owns `rotary_emb` (a weak reference)."""
+
+    attn_implementation = ""
+
+    def install_hooks(self, model) -> None:
+        """Point every attention layer at the module that owns the rotary embedding and switch the model's attention
+        implementation to the kind's function (idempotent)."""
+        import weakref
+
+        inner = getattr(model, "model", model)
+        if not hasattr(inner, "rotary_emb"):
+            raise ValueError(f"{self.name}: {type(model).__name__} has no rotary embedding module (model.rotary_emb)")
+        ref = weakref.ref(inner)
+        for layer in inner.layers:
+            setattr(layer.self_attn, _OWNER, ref)
+        model.set_attn_implementation(self.attn_implementation)
+
+    def installed(self, module) -> tuple[dict, torch.Tensor]:
+        """(the kind's parameters, the rotary module's inv_freq) for an attention layer of a model the kind is
+        installed on; RuntimeError otherwise."""
+        record = getattr(module.config, "ctxext_attention", None) or {}
+        owner = getattr(module, _OWNER, None)
+        if record.get("attention") != self.name or owner is None or owner() is None:
+            raise RuntimeError(f"{self.name} attention is not installed on this model; use "
+                               f"methods.get_attention({self.name!r}).apply(model, ...) or methods.restore(model)")
+        return record["params"], owner().rotary_emb.inv_freq
+
+
 class ExactAttention(AttentionMethod):
     name = "exact"
     description = "The model's own full causal attention (every query sees every earlier key)."

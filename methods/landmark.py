@@ -51,7 +51,7 @@ from numbers import Integral
 
 import torch
 
-from .attention import AttentionMethod, check_ids, decode_greedily
+from .attention import AttentionMethod, check_ids, decode_greedily, repeat_kv
 
 ATTN_NAME = "ctxext_landmark"
 NEG_INF = float("-inf")
@@ -142,10 +142,6 @@ def grouped_logits(scores: torch.Tensor, block_size: int) -> torch.Tensor:
 def grouped_weights(scores: torch.Tensor, block_size: int) -> torch.Tensor:
     """Landmark attention weights [..., Q, K] from raw logits (see `grouped_logits`); each row sums to 1."""
     return torch.softmax(grouped_logits(scores, block_size), dim=-1)
-
-
-def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
 # --- memory positions (llama_mem.py's index formulas, relative to the window) ------------------------------------
@@ -244,8 +240,8 @@ def memory_attention(query, key, value, memory: LandmarkMemory, layer: int, scal
     if n_blocks == 0:
         return torch.softmax(window_logits, dim=-1) @ value
     groups = query.shape[1] // memory.keys[layer].shape[1]
-    mem_keys = _repeat_kv(memory.keys[layer], groups)                           # [rows, H, n, B, d]
-    mem_values = _repeat_kv(memory.values[layer], groups)
+    mem_keys = repeat_kv(memory.keys[layer], groups)                           # [rows, H, n, B, d]
+    mem_values = repeat_kv(memory.values[layer], groups)
     scoring = scoring_positions(n_blocks, memory.top_k, memory.block_size, memory.window_offset, query.device)
     chosen = select_blocks(query, mem_keys, memory.top_k, memory.inv_freq, scoring)   # [rows, H, Q, k']
     memory.last_selection[layer] = chosen
@@ -271,13 +267,13 @@ def landmark_attention_forward(module, query, key, value, attention_mask, scalin
     scaling = module.head_dim ** -0.5 if scaling is None else scaling
     groups = query.shape[1] // key.shape[1]
     if landmark_memory is None:
-        probs = grouped_weights((query @ _repeat_kv(key, groups).transpose(-1, -2)) * scaling, block_size)
+        probs = grouped_weights((query @ repeat_kv(key, groups).transpose(-1, -2)) * scaling, block_size)
         if dropout and module.training:
             probs = torch.nn.functional.dropout(probs, p=dropout)
-        out = probs @ _repeat_kv(value, groups)
+        out = probs @ repeat_kv(value, groups)
     else:
         key, value = landmark_memory.extend_window(module.layer_idx, key, value)
-        out = memory_attention(query, _repeat_kv(key, groups), _repeat_kv(value, groups), landmark_memory,
+        out = memory_attention(query, repeat_kv(key, groups), repeat_kv(value, groups), landmark_memory,
                                module.layer_idx, scaling)
     return out.transpose(1, 2).contiguous(), None
 

@@ -40,19 +40,15 @@ Limits: batches must be unpadded and positions contiguous from 0 (padding raises
 """
 from __future__ import annotations
 
-import weakref
 from numbers import Integral
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
-from transformers.masking_utils import AttentionMaskInterface
 
-from .attention import AttentionMethod
+from .attention import RotaryAttentionMethod, register_attention_function, repeat_kv
 
 ATTN_IMPLEMENTATION = "ctxext_lm_infinite"  # the name registered with transformers' AttentionInterface
-_OWNER = "_ctxext_rotary_owner"  # attribute on each attention layer: weak reference to the module holding rotary_emb
 
 
 def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -63,11 +59,6 @@ def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated_half = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos + rotated_half * sin
-
-
-def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[b, h_kv, T, d] -> [b, h_kv * groups, T, d] (grouped-query attention)."""
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
 def block_size(n_local: int) -> int:
@@ -108,9 +99,9 @@ def lm_infinite_scores_attention(query, key, value, inv_freq, n_local: int, n_gl
     if has_global:
         gpos = torch.arange(n_glob, device=device)
         k_glob = key[:, :, :n_glob]
-        k_glob0 = _repeat_heads(rotate(k_glob, -gpos[:, None].float() * inv_freq), groups)  # rotated to position 0
-        k_glob = _repeat_heads(k_glob.float(), groups)
-        v_glob = _repeat_heads(value[:, :, :n_glob].float(), groups)
+        k_glob0 = repeat_kv(rotate(k_glob, -gpos[:, None].float() * inv_freq), groups)  # rotated to position 0
+        k_glob = repeat_kv(k_glob.float(), groups)
+        v_glob = repeat_kv(value[:, :, :n_glob].float(), groups)
 
     out = torch.empty(b, q_len, h, d, dtype=query.dtype, device=device)
     for start in range(0, q_len, block):
@@ -118,8 +109,8 @@ def lm_infinite_scores_attention(query, key, value, inv_freq, n_local: int, n_gl
         qpos = torch.arange(first + start, first + stop, device=device)
         lo, hi = max(0, first + start - n_local + 1), first + stop  # the band of keys this block can see locally
         q = query[:, :, start:stop].float()
-        k = _repeat_heads(key[:, :, lo - gap:hi - gap].float(), groups)   # with a gap, lo >= n_global + gap
-        v = _repeat_heads(value[:, :, lo - gap:hi - gap].float(), groups)
+        k = repeat_kv(key[:, :, lo - gap:hi - gap].float(), groups)   # with a gap, lo >= n_global + gap
+        v = repeat_kv(value[:, :, lo - gap:hi - gap].float(), groups)
         scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
         dist = qpos[:, None] - torch.arange(lo, hi, device=device)[None, :]
         scores = scores.masked_fill((dist < 0) | (dist >= n_local), float("-inf"))
@@ -141,15 +132,10 @@ def lm_infinite_scores_attention(query, key, value, inv_freq, n_local: int, n_gl
 def lm_infinite_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0,
                           **kwargs):
     """The attention function registered as `ATTN_IMPLEMENTATION` (transformers' calling convention)."""
-    record = getattr(module.config, "ctxext_attention", None) or {}
-    owner = getattr(module, _OWNER, None)
-    if record.get("attention") != "lm_infinite" or owner is None or owner() is None:
-        raise RuntimeError("lm_infinite attention is not installed on this model; use "
-                           "methods.get_attention('lm_infinite').apply(model, ...) or methods.restore(model)")
+    params, inv_freq = METHOD.installed(module)
     if attention_mask is not None:
         raise ValueError("lm_infinite supports unpadded inputs only (got an attention mask with padding)")
     n_kv, q_len = key.shape[2], query.shape[2]
-    params = record["params"]
     position_ids = kwargs.get("position_ids")
     gap = 0
     if position_ids is not None:
@@ -158,20 +144,10 @@ def lm_infinite_attention(module, query, key, value, attention_mask, scaling: fl
         expected = torch.arange(total - q_len, total, device=position_ids.device)
         if position_ids.shape[-1] != q_len or gap < 0 or not bool((position_ids == expected).all()):
             raise ValueError("lm_infinite needs contiguous positions 0 .. n-1 (no left padding or packing)")
-    out = lm_infinite_scores_attention(query, key, value, owner().rotary_emb.inv_freq, params["n_local"],
+    out = lm_infinite_scores_attention(query, key, value, inv_freq, params["n_local"],
                                        params["n_global"], params["distance_cap"], scaling, dropout=dropout,
                                        training=module.training, gap=gap)
     return out, None
-
-
-def _padding_only_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                       attention_mask=None, **kwargs):
-    """Mask builder for `ATTN_IMPLEMENTATION`: None for unpadded inputs (causality is built into the attention
-    function), else the 2-D padding mask, which the attention function rejects with a clear message."""
-    if attention_mask is None:
-        return None
-    attention_mask = attention_mask[:, -kv_length:]
-    return None if bool(attention_mask.all()) else attention_mask
 
 
 class LambdaCacheLayer(DynamicLayer):
@@ -219,12 +195,12 @@ class LambdaCacheLayer(DynamicLayer):
         self.cumulative_length = 0
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, lm_infinite_attention)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _padding_only_mask)
+register_attention_function(ATTN_IMPLEMENTATION, lm_infinite_attention)
 
 
-class LMInfinite(AttentionMethod):
+class LMInfinite(RotaryAttentionMethod):
     name = "lm_infinite"
+    attn_implementation = ATTN_IMPLEMENTATION
     description = ("LM-Infinite: n_local recent keys plus the first n_global tokens at a capped distance, "
                    "one softmax, linear memory.")
     regimes = ("frozen",)
@@ -239,17 +215,6 @@ class LMInfinite(AttentionMethod):
             if not isinstance(value, Integral) or isinstance(value, bool) or value < least:
                 raise ValueError(f"lm_infinite: {key} must be an integer >= {least}, got {value!r}")
         return {key: int(value) for key, value in params.items()}
-
-    def install_hooks(self, model) -> None:
-        """Point every attention layer at the module that owns the rotary embedding and switch the model's
-        attention implementation to `ATTN_IMPLEMENTATION` (idempotent)."""
-        inner = getattr(model, "model", model)
-        if not hasattr(inner, "rotary_emb"):
-            raise ValueError(f"lm_infinite: {type(model).__name__} has no rotary embedding module (model.rotary_emb)")
-        ref = weakref.ref(inner)
-        for layer in inner.layers:
-            setattr(layer.self_attn, _OWNER, ref)
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
     def new_cache(self, model):
         """A cache of `LambdaCacheLayer`s (one per decoder layer): n_global + n_local - 1 keys per layer at most."""

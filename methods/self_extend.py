@@ -30,18 +30,13 @@ Limits: unpadded batches with positions contiguous from 0 (padding raises); full
 from __future__ import annotations
 
 import math
-import weakref
 from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
-
-from .attention import AttentionMethod
+from .attention import RotaryAttentionMethod, register_attention_function, repeat_kv
 
 ATTN_IMPLEMENTATION = "ctxext_self_extend"  # the name registered with transformers' AttentionInterface
-_OWNER = "_ctxext_self_extend_owner"  # attribute on each attention layer: weak reference to the module with rotary_emb
 _BLOCK_ELEMENTS = 1 << 24  # score elements per query block (64 MiB of float32 per score matrix)
 
 
@@ -67,10 +62,6 @@ def _rotate(x: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> tor
     return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
 
 
-def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
-    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
-
-
 def self_extend_scores_attention(query, key, value, inv_freq, group_size: int, window: int, scaling: float,
                                  scale_base: float = -1, block: int | None = None, dropout: float = 0.0,
                                  training: bool = False) -> torch.Tensor:
@@ -90,10 +81,10 @@ def self_extend_scores_attention(query, key, value, inv_freq, group_size: int, w
     shift = window - window // group_size  # W - W/G (G divides W)
     kpos = torch.arange(n_kv, device=device)
     grouped_needed = n_kv - 1 >= window  # some pair is at distance >= W
-    k = _repeat_heads(key.float(), groups)
-    v = _repeat_heads(value.float(), groups)
+    k = repeat_kv(key.float(), groups)
+    v = repeat_kv(value.float(), groups)
     if grouped_needed:
-        k_group = _repeat_heads(_rotate(key, kpos // group_size - kpos, inv_freq), groups)
+        k_group = repeat_kv(_rotate(key, kpos // group_size - kpos, inv_freq), groups)
     block = block or max(1, _BLOCK_ELEMENTS // max(1, b * h * n_kv))
     out = torch.empty(b, q_len, h, d, dtype=query.dtype, device=device)
     for start in range(0, q_len, block):
@@ -117,11 +108,7 @@ def self_extend_scores_attention(query, key, value, inv_freq, group_size: int, w
 
 def self_extend_attention(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
     """The attention function registered as `ATTN_IMPLEMENTATION` (transformers' calling convention)."""
-    record = getattr(module.config, "ctxext_attention", None) or {}
-    owner = getattr(module, _OWNER, None)
-    if record.get("attention") != "self_extend" or owner is None or owner() is None:
-        raise RuntimeError("self_extend attention is not installed on this model; use "
-                           "methods.get_attention('self_extend').apply(model, ...) or methods.restore(model)")
+    params, inv_freq = METHOD.installed(module)
     if attention_mask is not None:
         raise ValueError("self_extend supports unpadded inputs only (got an attention mask with padding)")
     n_kv, q_len = key.shape[2], query.shape[2]
@@ -130,29 +117,18 @@ def self_extend_attention(module, query, key, value, attention_mask, scaling: fl
         expected = torch.arange(n_kv - q_len, n_kv, device=position_ids.device)
         if position_ids.shape[-1] != q_len or not bool((position_ids == expected).all()):
             raise ValueError("self_extend needs contiguous positions 0 .. n-1 (no left padding or packing)")
-    params = record["params"]
-    out = self_extend_scores_attention(query, key, value, owner().rotary_emb.inv_freq, params["group_size"],
+    out = self_extend_scores_attention(query, key, value, inv_freq, params["group_size"],
                                        params["window"], scaling, params["scale_base"], dropout=dropout,
                                        training=module.training)
     return out, None
 
 
-def _padding_only_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                       attention_mask=None, **kwargs):
-    """Mask builder for `ATTN_IMPLEMENTATION`: None for unpadded inputs (causality is built into the attention
-    function), else the 2-D padding mask, which the attention function rejects with a clear message."""
-    if attention_mask is None:
-        return None
-    attention_mask = attention_mask[:, -kv_length:]
-    return None if bool(attention_mask.all()) else attention_mask
+register_attention_function(ATTN_IMPLEMENTATION, self_extend_attention)
 
 
-AttentionInterface.register(ATTN_IMPLEMENTATION, self_extend_attention)
-AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _padding_only_mask)
-
-
-class SelfExtend(AttentionMethod):
+class SelfExtend(RotaryAttentionMethod):
     name = "self_extend"
+    attn_implementation = ATTN_IMPLEMENTATION
     description = ("Self-Extend: neighbour window W at true positions, floor-divided (group G) positions beyond it, "
                    "one softmax; frozen.")
     regimes = ("frozen",)
@@ -179,17 +155,6 @@ class SelfExtend(AttentionMethod):
         if not isinstance(scale_base, Real) or isinstance(scale_base, bool) or not (scale_base == -1 or scale_base > 1):
             raise ValueError(f"self_extend: scale_base must be -1 (off) or a number > 1, got {scale_base!r}")
         return {"group_size": group, "window": window, "scale_base": scale_base}
-
-    def install_hooks(self, model) -> None:
-        """Point every attention layer at the module that owns the rotary embedding and switch the model's
-        attention implementation to `ATTN_IMPLEMENTATION` (idempotent)."""
-        inner = getattr(model, "model", model)
-        if not hasattr(inner, "rotary_emb"):
-            raise ValueError(f"self_extend: {type(model).__name__} has no rotary embedding module (model.rotary_emb)")
-        ref = weakref.ref(inner)
-        for layer in inner.layers:
-            setattr(layer.self_attn, _OWNER, ref)
-        model.set_attn_implementation(ATTN_IMPLEMENTATION)
 
 
 METHOD = SelfExtend()
