@@ -72,6 +72,24 @@ def stdlib_tokenizer(vocab=512, modules=("argparse.py", "typing.py", "inspect.py
     return tokenizer, texts
 
 
+def rotated_inputs(n, q_len, heads=4, kv_heads=2, d=8, magnitude=1.0, seed=0, batch=1):
+    """Random q, k, v with q, k rotated by transformers' own apply_rotary_pos_emb (cos/sin times magnitude), for the
+    attention kinds that re-rotate the keys they are handed (LM-Infinite, Self-Extend)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, q_len, d, generator=g)
+    k = torch.randn(batch, kv_heads, n, d, generator=g)
+    v = torch.randn(batch, kv_heads, n, d, generator=g)
+    inv_freq = 1.0 / (100.0 ** (torch.arange(0, d, 2).float() / d))
+    angles = torch.arange(n).float()[:, None] * inv_freq
+    emb = torch.cat([angles, angles], -1)[None]
+    cos, sin = emb.cos() * magnitude, emb.sin() * magnitude
+    _, k_rot = apply_rotary_pos_emb(k, k, cos, sin)
+    q_rot, _ = apply_rotary_pos_emb(q, q, cos[:, n - q_len:], sin[:, n - q_len:])
+    return q_rot, k_rot, v, inv_freq
+
+
 # ---------------------------------------------------------------------------------------------- stages as subprocesses
 OVERRIDES = ["pretrain.steps=4", "pretrain.phases=[{steps: 2, seq_len: 64, kv: 0.4, copy: 0.4}]", "finetune.steps=16",
              "finetune.checkpoint_every=3"]

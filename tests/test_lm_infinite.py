@@ -6,11 +6,10 @@ import itertools
 import pytest
 import torch
 from transformers import AttentionInterface
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from methods import ATTENTIONS, get_attention, get_method
 from methods.lm_infinite import ATTN_IMPLEMENTATION, lm_infinite_scores_attention
-from tests.helpers import logits, random_ids, tiny_llama
+from tests.helpers import rotated_inputs, logits, random_ids, tiny_llama
 
 W = 16  # base window of the tiny model
 
@@ -55,21 +54,6 @@ def naive_lm_infinite(q_rot, k_rot, v, inv_freq, n_local, n_global, cap, scaling
             scores[:, :, row, j] = (moved * k0[:, :, j].conj()).real.sum(-1) * scaling
     probs = torch.softmax(scores, dim=-1)
     return (probs @ v.repeat_interleave(groups, 1).double()).transpose(1, 2)
-
-
-def rotated_inputs(n, q_len, heads=4, kv_heads=2, d=8, magnitude=1.0, seed=0):
-    """Random q, k, v with q, k rotated by transformers' own apply_rotary_pos_emb (cos/sin times magnitude)."""
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(1, heads, q_len, d, generator=g)
-    k = torch.randn(1, kv_heads, n, d, generator=g)
-    v = torch.randn(1, kv_heads, n, d, generator=g)
-    inv_freq = 1.0 / (100.0 ** (torch.arange(0, d, 2).float() / d))
-    angles = torch.arange(n).float()[:, None] * inv_freq
-    emb = torch.cat([angles, angles], -1)[None]
-    cos, sin = emb.cos() * magnitude, emb.sin() * magnitude
-    _, k_rot = apply_rotary_pos_emb(k, k, cos, sin)
-    q_rot, _ = apply_rotary_pos_emb(q, q, cos[:, n - q_len:], sin[:, n - q_len:])
-    return q_rot, k_rot, v, inv_freq
 
 
 @pytest.mark.parametrize("n_local,n_global,cap", [

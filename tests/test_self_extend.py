@@ -8,11 +8,10 @@ import math
 import pytest
 import torch
 from transformers import AttentionInterface
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from methods import ATTENTIONS, get_attention, get_method
 from methods.self_extend import ATTN_IMPLEMENTATION, effective_length, max_length, self_extend_scores_attention
-from tests.helpers import logits, random_ids, tiny_llama
+from tests.helpers import rotated_inputs, logits, random_ids, tiny_llama
 
 W0 = 16  # base window of the tiny model
 
@@ -56,24 +55,10 @@ def naive_self_extend(q_rot, k_rot, v, inv_freq, G, W, scaling, scale_base=-1, n
     return (probs @ v.repeat_interleave(groups, 1).double()).transpose(1, 2)
 
 
-def rotated_inputs(n, q_len, heads=4, kv_heads=2, d=8, magnitude=1.0, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(2, heads, q_len, d, generator=g)
-    k = torch.randn(2, kv_heads, n, d, generator=g)
-    v = torch.randn(2, kv_heads, n, d, generator=g)
-    inv_freq = 1.0 / (100.0 ** (torch.arange(0, d, 2).float() / d))
-    angles = torch.arange(n).float()[:, None] * inv_freq
-    emb = torch.cat([angles, angles], -1)[None]
-    cos, sin = emb.cos() * magnitude, emb.sin() * magnitude
-    _, k_rot = apply_rotary_pos_emb(k, k, cos, sin)
-    q_rot, _ = apply_rotary_pos_emb(q, q, cos[:, n - q_len:], sin[:, n - q_len:])
-    return q_rot, k_rot, v, inv_freq
-
-
 @pytest.mark.parametrize("G, W", [(1, 1), (1, 4), (2, 2), (2, 4), (3, 6), (4, 8), (5, 5), (2, 30)])
 def test_matches_the_naive_reference(G, W):
     n = 23
-    q, k, v, inv_freq = rotated_inputs(n, n, magnitude=1.2)
+    q, k, v, inv_freq = rotated_inputs(n, n, magnitude=1.2, batch=2)
     ref = naive_self_extend(q, k, v, inv_freq, G, W, scaling=0.35)
     for block in (1, 5, None):
         out = self_extend_scores_attention(q, k, v, inv_freq, G, W, scaling=0.35, block=block)
@@ -84,7 +69,7 @@ def test_matches_the_naive_reference(G, W):
 @pytest.mark.parametrize("q_len", [1, 3])
 def test_matches_the_naive_reference_for_the_last_queries(q_len):
     """The decoding shape: a few queries at the end of a longer key sequence (as with a KV cache)."""
-    q, k, v, inv_freq = rotated_inputs(27, q_len, seed=3)
+    q, k, v, inv_freq = rotated_inputs(27, q_len, seed=3, batch=2)
     for G, W in [(2, 4), (4, 8), (3, 3)]:
         out = self_extend_scores_attention(q, k, v, inv_freq, G, W, scaling=0.35, block=2)
         torch.testing.assert_close(out.double(), naive_self_extend(q, k, v, inv_freq, G, W, scaling=0.35),
@@ -95,7 +80,7 @@ def test_the_boundary_distance_w_is_grouped_and_w_minus_1_a_neighbour():
     """Grouping starts at distance W. Since G divides W, the grouped distance of a pair exactly W apart is
     W/G + W - W/G = W, the neighbour distance: the two computations meet there, so a boundary at W or W + 1 gives the
     same result, while one a step earlier (W - 1 grouped) or later (W + 1 a neighbour) does not."""
-    q, k, v, inv_freq = rotated_inputs(20, 20, seed=4)
+    q, k, v, inv_freq = rotated_inputs(20, 20, seed=4, batch=2)
     out = self_extend_scores_attention(q, k, v, inv_freq, 2, 4, scaling=0.5).double()
     torch.testing.assert_close(out, naive_self_extend(q, k, v, inv_freq, 2, 4, scaling=0.5), rtol=1e-5, atol=1e-5)
     same = naive_self_extend(q, k, v, inv_freq, 2, 4, scaling=0.5, neighbour=lambda dist: dist <= 4)
@@ -106,7 +91,7 @@ def test_the_boundary_distance_w_is_grouped_and_w_minus_1_a_neighbour():
 
 
 def test_query_log_scaling_matches_the_reference():
-    q, k, v, inv_freq = rotated_inputs(21, 21, seed=5)
+    q, k, v, inv_freq = rotated_inputs(21, 21, seed=5, batch=2)
     out = self_extend_scores_attention(q, k, v, inv_freq, 2, 4, scaling=0.4, scale_base=6.0, block=4)
     torch.testing.assert_close(out.double(), naive_self_extend(q, k, v, inv_freq, 2, 4, 0.4, scale_base=6.0),
                                rtol=1e-5, atol=1e-5)
@@ -115,7 +100,7 @@ def test_query_log_scaling_matches_the_reference():
 
 
 def test_the_reference_itself_is_causal_attention_when_nothing_is_grouped():
-    q, k, v, inv_freq = rotated_inputs(9, 9, heads=2, kv_heads=2)
+    q, k, v, inv_freq = rotated_inputs(9, 9, heads=2, kv_heads=2, batch=2)
     full = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.5).transpose(1, 2)
     torch.testing.assert_close(naive_self_extend(q, k, v, inv_freq, 3, 9, 0.5).float(), full, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(naive_self_extend(q, k, v, inv_freq, 1, 2, 0.5).float(), full, rtol=1e-5, atol=1e-5)
