@@ -126,6 +126,16 @@ def finetune_args(stage, out, base=None):
             "--base", base or stage["root"] / "base" / "model", "--out", out]
 
 
+def run_finetune(stage, cell_id):
+    """Fine-tune one cell of the stage's study as its rule does (a subprocess): (the completed run, the cell's dir)."""
+    config = stage["root"] / f"finetune-{cell_id}.json"
+    config.write_text(json.dumps(stage_config(stage["cfg"], stage["cells"][cell_id], "finetune"), sort_keys=True))
+    out = stage["root"] / "cells" / cell_id
+    run = run_module("workflow.stages.finetune", "--config", config, "--data-dir", stage["root"] / "data",
+                     "--base", stage["root"] / "base" / "model", "--out", out)
+    return run, out
+
+
 def read_log(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 

@@ -252,15 +252,9 @@ def test_validation():
 
 def test_the_finetune_stage_saves_a_merged_plain_model(stage):
     """The micro study's PI + LongLoRA cell through the real stage: trained with S²-Attn and adapters, saved merged."""
-    from tests.helpers import run_module
-    from workflow.config import stage_config
+    from tests.helpers import run_finetune
 
-    cell = stage["cells"]["pi-longlora-128-ft"]
-    config = stage["root"] / "finetune-longlora.json"
-    config.write_text(json.dumps(stage_config(stage["cfg"], cell, "finetune"), sort_keys=True))
-    out = stage["root"] / "cells" / cell["cell_id"]
-    run = run_module("workflow.stages.finetune", "--config", config, "--data-dir", stage["root"] / "data",
-                     "--base", stage["root"] / "base" / "model", "--out", out)
+    run, out = run_finetune(stage, "pi-longlora-128-ft")
     assert run.returncode == 0, run.stderr[-3000:]
     with safe_open(str(out / "model" / "model.safetensors"), "pt") as f:
         keys = set(f.keys())

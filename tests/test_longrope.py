@@ -269,17 +269,12 @@ def test_the_stages_search_on_the_validation_split_and_record_it(stage):
     frozen one searches in cell_model and reuses its record the second time."""
     import json
 
-    from tests.helpers import run_module
+    from tests.helpers import run_finetune
     from workflow import rope_search
     from workflow.config import stage_config
     from workflow.modeling import cell_model
 
-    cell = stage["cells"]["longrope-exact-128-ft"]
-    config = stage["root"] / "finetune-longrope.json"
-    config.write_text(json.dumps(stage_config(stage["cfg"], cell, "finetune"), sort_keys=True))
-    out = stage["root"] / "cells" / cell["cell_id"]
-    run = run_module("workflow.stages.finetune", "--config", config, "--data-dir", stage["root"] / "data",
-                     "--base", stage["root"] / "base" / "model", "--out", out)
+    run, out = run_finetune(stage, "longrope-exact-128-ft")
     assert run.returncode == 0, run.stderr[-3000:]
     record = json.loads((out / rope_search.SEARCH_FILE).read_text())
     assert record["summary"]["evaluations"] == 4 + 2 * 3 and record["summary"]["windows"] == 512 // 128
