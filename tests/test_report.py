@@ -752,3 +752,28 @@ def test_graded_retrieval_and_effective_lengths(rendered, tmp_path):
     assert eff["cells"]["b"]["length"] is None and eff["cells"]["b"]["text"] == "—"   # below at the shortest
     assert eff["cells"]["c"]["length"] == 1024 and eff["cells"]["c"]["text"] == "≥ 1k"
     assert "Effective needle length per cell" in html and "Effective passkey length per cell" in html
+
+
+def test_benchmark_rows_written_into_the_study_database_are_shown(tmp_path):
+    """A benchmark tool's rows (here: the generation benchmark's form) appear in Table 9 with their numbers; without
+    any, the table is absent."""
+    import datetime
+
+    study = build_study(tmp_path / "results")
+    db = study / "metrics.duckdb"
+    store.ingest(study, db, echo=False)
+    report.render_report(db, study / "report.html")
+    assert "Table 9." not in (study / "report.html").read_text()
+    row = {"run_id": "r1", "study": "fixture", "measured_at": datetime.datetime(2026, 12, 1), "hardware": "CPU x2",
+           "phase": "generate", "cell_id": "none-lm_infinite-256-frozen", "rope": "none", "attention": "lm_infinite",
+           "seq_len": 4096, "rows": 1, "tokens_per_s": 43.6, "peak_mem_mb": 28.0, "mfu": None, "flops_per_token": None,
+           "throughput_vs_base": 1.58, "memory_vs_base": 0.65,
+           "config": {"prefill_s": 0.6035, "decode_s_per_token": 0.004, "generate_over_forward": 0.96, "new_tokens": 32}}
+    assert store.write_benchmarks(db, [row]) == 1
+    report.render_report(db, study / "report.html")
+    html = (study / "report.html").read_text()
+    table = re.search(r"Table 9\..*?</table>", html, flags=re.S).group(0)
+    cells = re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", table.split("<tbody>")[1])
+    assert cells[:13] == ["generate", "none-lm_infinite-256-frozen", "lm_infinite", "4k", "43.6", "603.5", "4.0",
+                          "0.96", "28", "—", "1.58×", "0.65×", "CPU x2"]
+    assert not html_errors(html)

@@ -115,3 +115,14 @@ SELECT cell_id, config, config_hash, code_version FROM cells ORDER BY cell_id;
 SELECT run_id, study, strftime(started_at, '%Y-%m-%d %H:%M:%S') AS started_at, code_version, hardware
 FROM runs
 ORDER BY started_at, run_id;
+
+-- name: benchmarks
+-- Rows the benchmark tools (workflow/tools/bench_cost, bench_generation) wrote into this study's database.
+SELECT phase, cell_id, attention, seq_len, tokens_per_s, peak_mem_mb, mfu, throughput_vs_base, memory_vs_base,
+       hardware, measured_at,
+       json_extract(config, '$.generate_over_forward')::DOUBLE AS generate_over_forward,
+       json_extract(config, '$.prefill_s')::DOUBLE AS prefill_s,
+       json_extract(config, '$.decode_s_per_token')::DOUBLE AS decode_s_per_token,
+       json_extract(config, '$.new_tokens')::INTEGER AS new_tokens
+FROM benchmarks
+ORDER BY measured_at, phase, attention, seq_len, cell_id;

@@ -16,7 +16,7 @@ from workflow.report.charts import Chart
 from workflow.report.claims import Evidence, claims_scoreboard, correlations, findings
 from workflow.report.formatting import abbreviate, as_json, fmt_count, fmt_duration, fmt_len, pretty
 from workflow.report.queries import Db, load_queries
-from workflow.report.sections import (perplexity_section, reference_section, retrieval_section, task_suites_section,
+from workflow.report.sections import (benchmarks_section, perplexity_section, reference_section, retrieval_section, task_suites_section,
                                       training_section)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -115,7 +115,7 @@ def build_context(db: Db, ppl_clip: float) -> dict:
         "longest": fmt_len(ev.longest) if ev.longest else "—",
         "reference": reference_section(cells, ev, downstream, paper),
         "claims": claims,
-        "train_charts": training["charts"], "efficiency": training["table"],
+        "train_charts": training["charts"], "efficiency": training["table"], "benchmarks": benchmarks_section(db),
         "config_json": pretty(study["config"]) if study.get("config") is not None else None,
         "cell_configs": [{"cell_id": c["cell_id"], "status": c["status"],
                           "config": pretty(as_json(configs[c["cell_id"]]["config"])) if c["cell_id"] in configs

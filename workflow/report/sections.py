@@ -171,6 +171,22 @@ def training_section(db: Db, cells: list[dict], base_train: dict) -> dict:
     return {"charts": charts, "table": table}
 
 
+def benchmarks_section(db: Db) -> list[dict]:
+    """The rows the benchmark tools wrote into the study's database, formatted (newest run last)."""
+    out = []
+    for r in db.rows("benchmarks"):
+        ms = lambda v: "—" if v is None else f"{1000 * v:.1f}"  # noqa: E731
+        out.append({"phase": r["phase"], "cell": r["cell_id"], "attention": r["attention"], "length": fmt_len(r["seq_len"]),
+                    "tps": fmt_num(r["tokens_per_s"]), "mem": fmt_num(r["peak_mem_mb"]),
+                    "mfu": "—" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%",
+                    "vs_base": "—" if r["throughput_vs_base"] is None else f"{r['throughput_vs_base']:.2f}×",
+                    "mem_vs_base": "—" if r["memory_vs_base"] is None else f"{r['memory_vs_base']:.2f}×",
+                    "prefill": ms(r["prefill_s"]), "decode": ms(r["decode_s_per_token"]),
+                    "ratio": "—" if r["generate_over_forward"] is None else f"{r['generate_over_forward']:.2f}",
+                    "hardware": r["hardware"]})
+    return out
+
+
 def task_suites_section(db: Db, cells: list[dict]) -> list[dict]:
     """Every suite other than ppl/passkey/needle: average over tasks by length, and per task by length."""
     out = []
