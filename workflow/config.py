@@ -367,12 +367,13 @@ def stage_config(cfg: dict, cell: dict | None = None, stage: str = "cell") -> di
     raise ValueError(f"unknown stage {stage!r}")
 
 
-def code_version() -> str:
-    """The git commit of the code (with '-dirty' if tracked files differ), or 'unknown'."""
+def code_version(checkout: Path = REPO) -> str:
+    """The git commit of the code in `checkout` (this one by default; with '-dirty' if tracked files differ), or
+    'unknown'."""
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=checkout,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):

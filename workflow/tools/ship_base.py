@@ -29,9 +29,9 @@ def provenance(study_dir: Path) -> dict:
     manifest = read_json(study_dir / "data" / "manifest.json")
     return {
         "shipped_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "code_version": code_version(),
+        "code_version": code_version(study_dir.resolve()),   # the checkout that ran the study
         "study": study_dir.name,
-        "command": f"snakemake --cores all {study_dir}/base/model --config study={study_dir.name}",
+        "command": f"snakemake --cores all results/{study_dir.name}/base/model --config study={study_dir.name}",
         "model": cfg["model"], "pretrain": cfg["pretrain"],
         "data": {"source": manifest.get("source"), "description": manifest.get("description"),
                  "python_version": manifest.get("python_version"), "seed": manifest["seeds"]["split"],
@@ -51,7 +51,7 @@ def ship(study_dir: Path, name: str, dest_root: Path = SHIPPED_DIR) -> Path:
     dest = Path(dest_root) / name
     tmp = dest.with_name(f".{name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model, tmp)
+    shutil.copytree(model, tmp, ignore=shutil.ignore_patterns(".snakemake*"))  # not Snakemake's markers
     for file in COPIED:
         if (study_dir / "base" / file).is_file():
             shutil.copy2(study_dir / "base" / file, tmp / file)
