@@ -5,6 +5,10 @@ Every ingest runs in one transaction: a failure leaves the previous database as 
 that cannot be read (invalid JSON, missing keys, unknown schema version) are named, skipped and
 counted; the rows stored from them earlier are kept. Re-running never duplicates rows.
 
+Each fine-tuned cell is stored once per seed number of study.seeds (`cells.seed`; the seeds of one cell share
+`cells.group_id`, the id without a seed suffix); frozen and checkpoint cells have no seed (`checkpoint` names a
+checkpoint cell's checkpoint).
+
 A cell whose fine-tuning or evaluation stopped (`cells/<cell>/failed.json`, written by the stage: a
 diverged loss, a length that does not fit in memory) gets status 'failed' and the stage's reason in
 `cells.status_reason`; its metrics are not stored (old ones are removed), its training log is.
@@ -22,11 +26,11 @@ from pathlib import Path
 
 import duckdb
 
-from methods.rope import REGIMES
+from workflow.checkpoints import CELL_REGIMES
 from workflow.common import RESULT_SCHEMA_VERSION
 
-SCHEMA_VERSION = 3        # version of the database schema created below (2: metrics.suite,
-                          # 3: cells.status_reason)
+SCHEMA_VERSION = 4        # version of the database schema created below (2: metrics.suite,
+                          # 3: cells.status_reason, 4: cells.seed, group_id and checkpoint)
 BASE_CELL_ID = "base"     # train_log rows of the base model's pretraining
 
 SCHEMA = """
@@ -38,7 +42,7 @@ CREATE TABLE IF NOT EXISTS cells(
     cell_id VARCHAR PRIMARY KEY, study VARCHAR, rope VARCHAR, attention VARCHAR, train_len INTEGER,
     regime VARCHAR, base_window INTEGER, method_params JSON, config JSON, config_hash VARCHAR,
     code_version VARCHAR, train_wall_s DOUBLE, train_tokens_per_s DOUBLE, train_peak_mem_mb DOUBLE,
-    status VARCHAR, status_reason VARCHAR);
+    status VARCHAR, status_reason VARCHAR, seed INTEGER, group_id VARCHAR, checkpoint VARCHAR);
 CREATE TABLE IF NOT EXISTS train_log(
     cell_id VARCHAR, step INTEGER, loss DOUBLE, lr DOUBLE, tokens_per_s DOUBLE, peak_mem_mb DOUBLE,
     elapsed_s DOUBLE, PRIMARY KEY(cell_id, step));
@@ -56,8 +60,8 @@ CREATE TABLE IF NOT EXISTS benchmarks(
 TABLES = ("cells", "metrics", "train_log", "runs", "study")
 
 EXPORT_QUERY = """
-SELECT m.cell_id, c.rope, c.attention, c.train_len, c.regime, m.suite, m.task, m.eval_len, m.depth, m.metric,
-       m.value, m.n, m.ci_low, m.ci_high, m.wall_s, m.source
+SELECT m.cell_id, c.group_id, c.seed, c.rope, c.attention, c.train_len, c.regime, m.suite, m.task, m.eval_len,
+       m.depth, m.metric, m.value, m.n, m.ci_low, m.ci_high, m.wall_s, m.source
 FROM metrics m LEFT JOIN cells c USING (cell_id)
 ORDER BY m.cell_id, m.task, m.metric, m.eval_len, m.depth NULLS FIRST
 """
@@ -123,10 +127,15 @@ def read_cell(path: Path, cell_dir_name: str) -> dict:
     _require(cell, ("cell_id", "rope", "attention", "train_len", "regime"))
     if cell["cell_id"] != cell_dir_name:
         raise BadFile(f"cell_id {cell['cell_id']!r} does not match its folder {cell_dir_name!r}")
-    if cell["regime"] not in REGIMES:
-        raise BadFile(f"regime {cell['regime']!r} is not one of {', '.join(REGIMES)}")
+    if cell["regime"] not in CELL_REGIMES:
+        raise BadFile(f"regime {cell['regime']!r} is not one of {', '.join(CELL_REGIMES)}")
     _integer(cell["train_len"], "train_len")
     _integer(cell.get("base_window"), "base_window", optional=True)
+    seed = _integer(cell.get("seed"), "seed", optional=True)
+    if seed is not None and seed < 0:
+        raise BadFile(f"seed must be >= 0, found {seed}")
+    if not isinstance(cell.get("group", cell["cell_id"]), str):
+        raise BadFile(f"group must be a string, found {cell['group']!r}")
     return cell
 
 
@@ -345,6 +354,12 @@ def migrate(con, found: int) -> None:
         con.execute("UPDATE metrics SET suite = task WHERE suite IS NULL")
     if found < 3:  # version 2 had no failed cells, hence no reason
         con.execute("ALTER TABLE cells ADD COLUMN IF NOT EXISTS status_reason VARCHAR")
+    if found < 4:  # version 3 had one run per cell (seed number 0 of a fine-tuned cell) and no checkpoint cells
+        con.execute("ALTER TABLE cells ADD COLUMN IF NOT EXISTS seed INTEGER")
+        con.execute("ALTER TABLE cells ADD COLUMN IF NOT EXISTS group_id VARCHAR")
+        con.execute("ALTER TABLE cells ADD COLUMN IF NOT EXISTS checkpoint VARCHAR")
+        con.execute("UPDATE cells SET seed = 0 WHERE regime = 'finetuned' AND seed IS NULL")
+        con.execute("UPDATE cells SET group_id = cell_id WHERE group_id IS NULL")
     con.execute("DELETE FROM schema_info")
     con.execute("INSERT INTO schema_info VALUES (?)", [SCHEMA_VERSION])
 
@@ -382,7 +397,7 @@ def _write_study(con, study: dict | None, manifest: dict | None, base_summary: d
 
 CELL_COLUMNS = ("cell_id, study, rope, attention, train_len, regime, base_window, method_params, config, "
                 "config_hash, code_version, train_wall_s, train_tokens_per_s, train_peak_mem_mb, status, "
-                "status_reason")
+                "status_reason, seed, group_id, checkpoint")
 
 
 def _write_cell(con, cell: dict, summary: dict | None, keep_old_summary: bool, study_name,
@@ -395,15 +410,26 @@ def _write_cell(con, cell: dict, summary: dict | None, keep_old_summary: bool, s
                           "WHERE cell_id = ?", [cell["cell_id"]]).fetchone()
         train = list(old) if old else train
     con.execute(
-        f"INSERT OR REPLACE INTO cells ({CELL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT OR REPLACE INTO cells ({CELL_COLUMNS}) VALUES ({', '.join('?' for _ in CELL_COLUMNS.split(','))})",
         [cell["cell_id"], cell.get("study", study_name), cell["rope"], cell["attention"],
          int(cell["train_len"]), cell["regime"], cell.get("base_window"),
          _dumps(cell.get("method_params", {})), _dumps(cell.get("config", {})),
          cell.get("config_hash"), cell.get("code_version"), *train,
          "failed" if failure else "missing results",
-         f"{failure['stage']}: {failure['reason']}" if failure else None])
+         f"{failure['stage']}: {failure['reason']}" if failure else None,
+         *cell_seed(cell), cell.get("checkpoint")])
     if failure:
         con.execute("DELETE FROM metrics WHERE cell_id = ?", [cell["cell_id"]])
+
+
+def cell_seed(cell: dict) -> tuple[int | None, str]:
+    """(seed number, group) of a cell record: a fine-tuned cell's seed number of study.seeds (0 when the record is
+    older than seeds), None for the deterministic frozen and checkpoint cells; the group is the id of the cell
+    without a seed suffix, which all seeds of one cell share."""
+    seed = cell.get("seed")
+    if seed is None and cell["regime"] == "finetuned":
+        seed = 0
+    return (None if seed is None else int(seed)), cell.get("group") or cell["cell_id"]
 
 
 def _write_train_log(con, cell_id: str, rows: list[tuple]) -> None:
