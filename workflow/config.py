@@ -324,8 +324,8 @@ def expand_grid(cfg: dict) -> list[dict]:
             continue
         stray = [key for key in ("checkpoint", "name") if key in entry]
         if stray:
-            raise ConfigError(f"{where}: {' and '.join(stray)} belong to a checkpoint entry (regime: checkpoint), not to "
-                              f"an entry of regime {entry['regime']!r}")
+            raise ConfigError(f"{where}: {' and '.join(stray)} {'belongs' if len(stray) == 1 else 'belong'} to a "
+                              f"checkpoint entry (regime: checkpoint), not to an entry of regime {entry['regime']!r}")
         lists = [_as_list(entry[a]) for a in AXES]
         for rope, attention, train_len, regime in itertools.product(*lists):
             if regime == CHECKPOINT:
