@@ -17,6 +17,8 @@ sys.path.insert(0, workflow.basedir)
 from workflow.common import config_hash
 from workflow.tasks import get_task
 from workflow.config import ConfigError, cell_record, launch_prefix, code_version, compose, expand_grid, stage_config
+from workflow.checkpoints import CHECKPOINT
+from workflow.checkpoints import local_files as checkpoint_files
 
 shell.executable("/bin/bash")
 # Jobs run `python -m workflow.<stage>` from the working directory: put this checkout first on their
@@ -47,8 +49,11 @@ RESOURCES = CFG["resources"]
 # for multi-GPU FSDP), whose module runner then takes the place of python.
 LAUNCH_FINETUNE = launch_prefix(CFG["finetune"].get("launcher"), PY, workflow.basedir)
 
-print(f"ctxext study {STUDY!r}: {len(CELLS)} cells ({len(FINETUNED)} fine-tuned): {', '.join(CELLS)}",
-      file=sys.stderr)
+SEEDS = CFG["study"]["seeds"]
+N_CHECKPOINTS = sum(cell["regime"] == CHECKPOINT for cell in CELLS.values())
+print(f"ctxext study {STUDY!r}: {len(CELLS)} cells ({len(FINETUNED)} fine-tuned"
+      + (f", each seed of {SEEDS}" if SEEDS != [0] else "") + (f"; {N_CHECKPOINTS} checkpoint" if N_CHECKPOINTS else "")
+      + f"): {', '.join(CELLS)}", file=sys.stderr)
 
 
 # Shell snippets shared by the rules. Each job first writes its resolved config (a rule param, so a

@@ -269,6 +269,7 @@ def _checkpoint_ode_state(model) -> dict[str, torch.Tensor]:
 # --- the method ------------------------------------------------------------------------------------------------
 class CLEX(RopeMethod):
     name = "clex"
+    rope_type = None   # its own rotary module: recognised from config.ctxext only
     description = ("CLEX: frequencies learned as a function of the scale t by a neural ODE shared by all layers; "
                    "random fractional positions over [0, L*t) in training, t = ceil(n/L) at inference.")
 

@@ -52,6 +52,7 @@ def _reset_rotary(module, *args, **kwargs) -> None:
 
 class DynamicNTK(RopeMethod):
     name = "dynamic_ntk"
+    rope_type = "dynamic"
     description = ("Dynamic NTK: base b*alpha(n)^(d/(d-2)), alpha(n) = f*max(n, floor)/L - (f-1), "
                    "recomputed from each forward's length (HF rope_type 'dynamic').")
 
@@ -82,7 +83,7 @@ class DynamicNTK(RopeMethod):
         factor, floor = params["factor"], params["floor"]
         alpha_train = ntk_alpha(floor, original_window, factor, floor)
         config.max_position_embeddings = floor
-        set_rope(config, rope_type="dynamic", factor=float(factor * floor / (original_window * alpha_train)),
+        set_rope(config, rope_type=self.rope_type, factor=float(factor * floor / (original_window * alpha_train)),
                  rope_theta=base * alpha_train ** (head_dim / (head_dim - 2)))
 
     def install_hooks(self, model) -> None:

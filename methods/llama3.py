@@ -38,6 +38,7 @@ def llama3_inv_freq(head_dim: int, base: float, original_window: int, factor: fl
 
 class Llama3(RopeMethod):
     name = "llama3"
+    rope_type = "llama3"
     description = ("Llama 3.1 rope scaling: fast dims kept, slow dims / factor, a blend linear in turns per window "
                    "between (HF rope_type 'llama3').")
 
@@ -61,7 +62,7 @@ class Llama3(RopeMethod):
 
     def _configure(self, config, head_dim, base, original_window, target_window, params):
         config.max_position_embeddings = int(target_window)
-        set_rope(config, rope_type="llama3", factor=float(params["factor"]),
+        set_rope(config, rope_type=self.rope_type, factor=float(params["factor"]),
                  low_freq_factor=float(params["low_freq_factor"]), high_freq_factor=float(params["high_freq_factor"]),
                  original_max_position_embeddings=int(original_window), rope_theta=base)
 

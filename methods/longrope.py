@@ -202,6 +202,7 @@ def _record(model) -> dict:
 
 class LongRoPE(RopeMethod):
     name = "longrope"
+    rope_type = "longrope"
     description = ("LongRoPE: per-dimension rescale factors (monotonic, found by evolutionary search on validation "
                    "loss), cos/sin x sqrt(1 + ln s / ln L) (HF rope_type 'longrope').")
 
@@ -261,7 +262,7 @@ class LongRoPE(RopeMethod):
     def _configure(self, config, head_dim, base, original_window, target_window, params):
         long, short = self.factor_sets(head_dim, base, original_window, target_window, params)
         config.max_position_embeddings = int(target_window)
-        set_rope(config, rope_type="longrope", rope_theta=base, long_factor=long, short_factor=short,
+        set_rope(config, rope_type=self.rope_type, rope_theta=base, long_factor=long, short_factor=short,
                  factor=float(target_window / original_window), original_max_position_embeddings=int(original_window))
 
     def apply(self, model, original_window, target_window, regime="finetuned", **overrides):

@@ -13,6 +13,7 @@ def ntk_base(base: float, head_dim: int, alpha: float) -> float:
 
 class NTKAware(RopeMethod):
     name = "ntk"
+    rope_type = "default"
     description = "Static NTK-aware scaling: base b*alpha^(d/(d-2)), alpha = s by default (rope_theta change only)."
 
     def _defaults(self, original_window, target_window, regime):
@@ -28,7 +29,7 @@ class NTKAware(RopeMethod):
 
     def _configure(self, config, head_dim, base, original_window, target_window, params):
         # A new base and no scaling entry: changing both would scale twice (docs/methods.md §3.1e3).
-        set_rope(config, rope_type="default", rope_theta=ntk_base(base, head_dim, params["alpha"]))
+        set_rope(config, rope_type=self.rope_type, rope_theta=ntk_base(base, head_dim, params["alpha"]))
         config.max_position_embeddings = int(target_window)
 
     def apply(self, model, original_window, target_window, regime="finetuned", **overrides):

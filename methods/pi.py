@@ -6,6 +6,7 @@ from .rope import RopeMethod, default_inv_freq, set_rope
 
 class PositionInterpolation(RopeMethod):
     name = "pi"
+    rope_type = "linear"
     description = "Position Interpolation: theta_i / s, s = target/original (HF rope_type 'linear')."
 
     def _frequencies(self, head_dim, base, original_window, target_window, seq_len, params):
@@ -13,7 +14,7 @@ class PositionInterpolation(RopeMethod):
         return default_inv_freq(head_dim, base) / scale, 1.0
 
     def _configure(self, config, head_dim, base, original_window, target_window, params):
-        set_rope(config, rope_type="linear", factor=float(target_window / original_window), rope_theta=base)
+        set_rope(config, rope_type=self.rope_type, factor=float(target_window / original_window), rope_theta=base)
         config.max_position_embeddings = int(target_window)
 
 

@@ -102,6 +102,9 @@ class RopeMethod:
     name = ""
     description = ""
     changes_rope = True  # False: apply() leaves the rotary module untouched
+    # The transformers rope type apply() writes into config.rope_parameters: how a checkpoint's own config names the
+    # method (None: not recognisable from the config alone, e.g. CLEX's own rotary module).
+    rope_type: str | None = "default"
 
     # --- parameters -------------------------------------------------------------------------------------------
     def defaults(self, original_window: int, target_window: int, regime: str = "finetuned") -> dict:

@@ -28,6 +28,7 @@ def mscale(scale: float) -> float:
 
 class YaRN(RopeMethod):
     name = "yarn"
+    rope_type = "yarn"
     description = "YaRN: ramp from original (fast dims) to PI (slow dims) frequencies, cos/sin x (0.1 ln s + 1)."
 
     def _defaults(self, original_window, target_window, regime):
@@ -57,7 +58,7 @@ class YaRN(RopeMethod):
         # factor; keep them consistent so no version silently falls back to another factor (apply() then checks
         # the rebuilt rotary module against this method's frequencies and mscale).
         config.max_position_embeddings = int(target_window)
-        set_rope(config, rope_type="yarn", factor=float(target_window / original_window),
+        set_rope(config, rope_type=self.rope_type, factor=float(target_window / original_window),
                  original_max_position_embeddings=int(original_window),
                  beta_fast=float(params["beta_fast"]), beta_slow=float(params["beta_slow"]), rope_theta=base)
 

@@ -28,12 +28,13 @@ REPO = Path(__file__).resolve().parent.parent
 
 # ---------------------------------------------------------------------------------------------- models and inputs
 def tiny_llama(seed=0, vocab=128, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=None, window=64,
-               **config):
-    """A seeded, randomly initialised LlamaForCausalLM in eval mode with the original RoPE (base 10000)."""
+               rope_parameters=None, **config):
+    """A seeded, randomly initialised LlamaForCausalLM in eval mode with the original RoPE (base 10000), or the
+    given `rope_parameters` (e.g. a YaRN or linear scaling)."""
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads or heads,
                       max_position_embeddings=window,
-                      rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **config)
+                      rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0}, **config)
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).eval()
 
@@ -296,6 +297,25 @@ def build_study(root: Path, name: str = "fixture", hostile: bool = False) -> Pat
             tasks = RULER_TASKS + ([HOSTILE] if hostile else [])
             _write(cell_dir / "eval" / "ruler.json", ruler_eval(cell_id, reach, tasks))
     return study_dir
+
+
+def add_seed_runs(study_dir: Path, cell_id: str, rope: str, train_len: int, ppl_by_seed: dict[int, list[float]]) -> None:
+    """Write the runs of a fine-tuned cell with several seeds into a build_study tree: for each seed number its cell
+    record (`<cell_id>` for seed 0, `<cell_id>-s<r>` otherwise, group `cell_id`), train log and perplexity rows
+    `ppl_by_seed[r]` (one per EVAL_LENGTHS); study.json expects every run."""
+    study_dir = Path(study_dir)
+    study = json.loads((study_dir / "study.json").read_text())
+    for seed, values in ppl_by_seed.items():
+        run_id = cell_id if seed == 0 else f"{cell_id}-s{seed}"
+        cell_dir = study_dir / "cells" / run_id
+        _write(cell_dir / "cell.json", {**_cell_record(study["name"], run_id, rope, "exact", train_len, "finetuned"),
+                                        "seed": seed, "group": cell_id})
+        _train_log(cell_dir / "train_log.jsonl", 30, 3.9, 3.1 + train_len / 4096)
+        _write(cell_dir / "train_summary.json", _summary(30, 80.0 + train_len / 10))
+        _write(cell_dir / "eval" / "ppl.json", ppl_eval(run_id, values))
+        if run_id not in study["cells"]:
+            study["cells"].append(run_id)
+    _write(study_dir / "study.json", study)
 
 
 # Rows the store must hold for build_study(hostile=False).

@@ -5,11 +5,12 @@ import sys
 import pytest
 import yaml
 
-from methods import ATTENTIONS, METHODS, REGIMES
+from methods import ATTENTIONS, METHODS
 from tests.helpers import REPO
 from workflow import config as config_module
 from workflow.config import (REGISTRIES, SCHEMA_FILE, ConfigError, cell_id, cell_record, compose, expand_grid, schema,
                              schema_problems)
+from workflow.checkpoints import CELL_REGIMES
 from workflow.modeling import MODEL_SOURCES
 from workflow.ruler import FAMILIES
 from workflow.runtime import ATTN_IMPLEMENTATIONS, DTYPES
@@ -120,7 +121,7 @@ def test_cell_record_has_config_and_hash():
      f"grid[0].attention must be one of {KINDS}, got 'sideways'"),
     ("grid=[{rope: pi, attention: exact, regime: frozen, train_len: 128}]", "train_len=128 must be above"),
     ("grid=[{rope: pi, attention: exact, regime: melted, train_len: 512}]",
-     "grid[0].regime must be one of finetuned, frozen, got 'melted'"),
+     "grid[0].regime must be one of finetuned, frozen, checkpoint, got 'melted'"),
     ("grid=[{rope: pi, attention: exact, regime: frozen, train_len: 512.0}]",
      "grid[0].train_len must be an integer, 'base' or a list, got 512.0"),
     ("grid=[{rope: pi, attention: exact, regime: frozen, train_len: [1024, bas]}]",
@@ -378,9 +379,13 @@ def test_the_schema_documents_and_closes_every_object():
             rest = node.get("additionalProperties")
             assert rest is False or (isinstance(rest, dict) and "map" in node["description"]), path  # closed, or a map
             assert set(node.get("required", [])) <= set(node.get("properties", {})), path
-    # every key is required but those only some studies set, the grid's overrides and the registry-named ones
+    # every key is required but those only some studies set, the grid's overrides and the registry-named ones; a grid
+    # entry requires its axes or its checkpoint by its regime (if/then/else)
+    def required(node):
+        return set(node.get("required", [])) | {key for branch in ("then", "else")
+                                                for key in node.get(branch, {}).get("required", [])}
     optional = {f"{path}.{key}" for path, node in nodes if node.get("type") == "object" and "x-properties-from" not in node
-                for key in set(node.get("properties", {})) - set(node.get("required", []))}
+                for key in set(node.get("properties", {})) - required(node)}
     assert optional == {"$.model.package", "$.model.gguf_file", "$.model.hub_id", "$.model.shipped",
                         "$.finetune.gradient_checkpointing",
                         "$.finetune.fused_adamw", "$.finetune.launcher", "$.grid[].params", "$.grid[].attention_params"}
@@ -402,7 +407,7 @@ def test_registry_values_are_injected_not_written_in_the_schema():
     entry = props["grid"]["items"]["properties"]
     assert entry["rope"]["anyOf"][0]["enum"] == list(METHODS)
     assert entry["attention"]["anyOf"][1]["items"]["enum"] == list(ATTENTIONS)
-    assert entry["regime"]["anyOf"][0]["enum"] == list(REGIMES)
+    assert entry["regime"]["anyOf"][0]["enum"] == list(CELL_REGIMES) == ["finetuned", "frozen", "checkpoint"]
     assert props["eval"]["properties"]["tasks"]["items"]["enum"] == list(TASKS)
     assert props["eval"]["properties"]["ruler"]["properties"]["tasks"]["items"]["enum"] == list(FAMILIES)
     assert list(props["eval"]["properties"]["ruler"]["properties"]["qa_files"]["properties"]) == ["qa_1", "qa_2"]

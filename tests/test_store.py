@@ -301,5 +301,5 @@ def test_version_2_database_gains_status_reason_in_place(study, tmp_path):
     db = tmp_path / "metrics.duckdb"
     _ingest_as_older_version(study, db, 2, "ALTER TABLE cells DROP COLUMN status_reason")
     store.ingest(study, db, echo=False)
-    assert query(db, "SELECT version FROM schema_info") == [(3,)]
+    assert query(db, "SELECT version FROM schema_info") == [(store.SCHEMA_VERSION,)]
     assert query(db, "SELECT count(*) FROM cells WHERE status_reason IS NULL") == [(EXPECTED_COUNTS["cells"],)]

@@ -95,10 +95,11 @@ def pretrain_batches(tokens: np.ndarray, phases: list[Phase], seed: int) -> Call
 
 
 def finetune_batches(tokens: np.ndarray, seq_len: int, tokens_per_step: int,
-                     rows: RowMaker | None = None) -> Callable[[int], Batch]:
-    """Consecutive rows of `seq_len` tokens read in order from the start of the training stream,
-    `tokens_per_step // seq_len` rows a step: cells of every training length read the same tokens in
-    the same order (two 512-token rows hold the tokens of one 1024-token row)."""
+                     rows: RowMaker | None = None, start_step: int = 0) -> Callable[[int], Batch]:
+    """Consecutive rows of `seq_len` tokens read in order from the training stream, `tokens_per_step // seq_len` rows
+    a step: cells of every training length read the same tokens in the same order (two 512-token rows hold the
+    tokens of one 1024-token row). `start_step` starts the reading that many steps' tokens into the stream (wrapping
+    at its end; the offset is in whole steps, so every training length starts at the same token)."""
     rows = rows or RowMaker()
     if tokens_per_step % seq_len:
         raise ValueError(f"finetune.tokens_per_step={tokens_per_step} must be a multiple of the training "
@@ -107,15 +108,30 @@ def finetune_batches(tokens: np.ndarray, seq_len: int, tokens_per_step: int,
     n_rows = len(tokens) // seq_len
     if n_rows == 0:
         raise ValueError(f"the training stream ({len(tokens)} tokens) is shorter than one row of {seq_len}")
+    first = start_step * per_step
 
     def batch(step: int) -> Batch:
         out = []
         for i in range(step * per_step, (step + 1) * per_step):
             made = rows.synthetic_row(i, seq_len)
             if made is None:
-                start = (i % n_rows) * seq_len
+                start = ((first + i) % n_rows) * seq_len
                 made = (tokens[start:start + seq_len], None)
             out.append(made)
         return rows.assemble(out)
 
     return batch
+
+
+_SEED_STREAM = 7919   # separates the start offset's random stream from the other users of the fine-tuning seed
+
+
+def seed_start_step(seed_number: int, seed: int, n_tokens: int, tokens_per_step: int) -> int:
+    """Where fine-tuning with seed number `seed_number` (study.seeds) starts reading the stream, in steps: 0 for seed
+    number 0 (the study's cells as they always were), else a step drawn uniformly from the stream's whole steps with
+    an RNG seeded by the fine-tuning seed `seed` (finetune.seed + seed_number). The same for every method and
+    training length, so the cells of one seed number still see the same tokens in the same order."""
+    if not seed_number:
+        return 0
+    steps_in_stream = max(1, n_tokens // tokens_per_step)
+    return int(np.random.default_rng([seed, _SEED_STREAM]).integers(0, steps_in_stream))

@@ -14,7 +14,9 @@ import math
 import subprocess
 from pathlib import Path
 
-from methods import ATTENTIONS, METHODS, REGIMES, get_attention, get_method
+from methods import ATTENTIONS, METHODS, get_attention, get_method
+from workflow.checkpoints import CELL_REGIMES, CHECKPOINT, CHECKPOINT_REGIMES, CheckpointError
+from workflow.checkpoints import describe as describe_checkpoint
 from workflow.common import RESULT_SCHEMA_VERSION, config_hash
 from workflow.corpus import SOURCES
 from workflow.modeling import MODEL_SOURCES, shipped_dir
@@ -31,7 +33,8 @@ AXES = ("rope", "attention", "train_len", "regime")
 # The registries whose names the schema takes (`x-registry: <name>` becomes an enum of the registry's values,
 # `x-properties-from: [<name>]` one property per value): each allowed value stays defined once, in its registry.
 REGISTRIES = {
-    "methods": METHODS, "attentions": ATTENTIONS, "regimes": REGIMES, "tasks": TASKS, "model_sources": MODEL_SOURCES,
+    "methods": METHODS, "attentions": ATTENTIONS, "regimes": CELL_REGIMES, "checkpoint_regimes": CHECKPOINT_REGIMES,
+    "tasks": TASKS, "model_sources": MODEL_SOURCES,
     "schedules": SCHEDULES, "dtypes": DTYPES, "attn_implementations": ATTN_IMPLEMENTATIONS,
     "ruler_families": FAMILIES, "ruler_qa_families": [name for name, f in FAMILIES.items() if f.kind == "qa"],
     "data_sources": SOURCES,
@@ -162,7 +165,7 @@ def schema_problems(instance, prefix: tuple[str, ...] = ()) -> list[str]:
     errors = validator.iter_errors(instance)
     problems = []
     for error in sorted(errors, key=lambda e: [(isinstance(p, int), p) for p in e.absolute_path]):
-        problems += [m for m in _describe(error, prefix) if m not in problems]
+        problems += [m for m in _describe(error, prefix, validator.schema) if m not in problems]
     return problems
 
 
@@ -180,21 +183,22 @@ _TYPE_WORDS = {"integer": "an integer", "number": "a finite number", "string": "
 _BOUNDS = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
 
 
-def _describe(error, prefix) -> list[str]:
-    """What is wrong, in words, naming the full key path (e.g. `eval.lengths[1]`)."""
+def _describe(error, prefix, root: dict) -> list[str]:
+    """What is wrong, in words, naming the full key path (e.g. `eval.lengths[1]`); `root` is the schema validated."""
     path = [*prefix, *error.absolute_path]
     where, value, kind, rule = _dotted(path), error.instance, error.validator, error.validator_value
     if kind == "additionalProperties":
         known = list(error.schema.get("properties", {}))
         return [_unknown_key(path, key, known) for key in value if key not in known]
     if kind == "required":
-        return [f"{_dotted([*path, key])} is required but missing ({error.schema['properties'][key]['description']})"
+        properties = error.schema.get("properties") or _owner(root, error.absolute_schema_path)["properties"]
+        return [f"{_dotted([*path, key])} is required but missing ({properties[key]['description']})"
                 for key in rule if key not in value]
     if kind == "anyOf":  # explain the branch(es) of the value's own type, else what the types are
         fits = [i for i, branch in enumerate(rule) if _has_type(branch, value) and "const" not in branch]
         if not fits:
             return [f"{where} must be {_either([_accepts(branch) for branch in rule])}, got {value!r}"]
-        return [m for e in error.context if e.relative_schema_path[0] in fits for m in _describe(e, prefix)]
+        return [m for e in error.context if e.relative_schema_path[0] in fits for m in _describe(e, prefix, root)]
     if kind == "type":
         return [f"{where} must be {_accepts({'type': rule})}, got {value!r}"]
     if kind == "enum":
@@ -214,6 +218,14 @@ def _describe(error, prefix) -> list[str]:
     if kind == "pattern":
         return [f"{where}={value!r} must match {rule}"]
     return [f"{where or 'the configuration'}: {error.message}"]
+
+
+def _owner(root: dict, schema_path) -> dict:
+    """The object schema whose `then`/`else` branch a `required` error came from (the branch lists keys only)."""
+    node = root
+    for part in list(schema_path)[:-2]:  # without the branch and its `required`
+        node = node[part]
+    return node
 
 
 def _dotted(path) -> str:
@@ -281,19 +293,44 @@ def cell_id(rope: str, attention: str, train_len: int, regime: str) -> str:
     return f"{rope}-{attention}-{train_len}-{'ft' if regime == 'finetuned' else 'frozen'}"
 
 
+def seeded_id(cid: str, seed: int) -> str:
+    """The id of seed number `seed` of a fine-tuned cell: the cell's own id for seed 0 (the cells of a one-seed study
+    keep their ids), `<id>-s<seed>` for the others."""
+    return cid if seed == 0 else f"{cid}-s{seed}"
+
+
 def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def expand_grid(cfg: dict) -> list[dict]:
-    """All cells of the study's grid, validated, in config order (duplicates are an error)."""
+    """All cells of the study's grid, validated, in config order (duplicates are an error). A fine-tuned cell is
+    repeated for every seed number of `study.seeds` (`seed`; its `group` is the id of the cell without a seed
+    suffix); frozen and checkpoint cells are deterministic and appear once (`seed` None)."""
     check_schema(cfg["grid"], ("grid",))  # also for a grid built in code: known keys, every axis, known names
     base_window = cfg["model"]["base_window"]
     cells, seen = [], {}
+
+    def add(cell: dict, where: str) -> None:
+        if cell["cell_id"] in seen:
+            raise ConfigError(f"{where} repeats cell {cell['cell_id']} (first defined in {seen[cell['cell_id']]})")
+        seen[cell["cell_id"]] = where
+        cells.append(cell)
+
     for index, entry in enumerate(cfg["grid"]):
         where = f"grid[{index}]"
+        if entry["regime"] == CHECKPOINT:
+            add(_checkpoint_cell(cfg, entry, where), where)
+            continue
+        stray = [key for key in ("checkpoint", "name") if key in entry]
+        if stray:
+            raise ConfigError(f"{where}: {' and '.join(stray)} {'belongs' if len(stray) == 1 else 'belong'} to a "
+                              f"checkpoint entry (regime: checkpoint), not to an entry of regime {entry['regime']!r}")
         lists = [_as_list(entry[a]) for a in AXES]
         for rope, attention, train_len, regime in itertools.product(*lists):
+            if regime == CHECKPOINT:
+                raise ConfigError(f"{where}: regime 'checkpoint' evaluates a given checkpoint; give it its own entry "
+                                  "{regime: checkpoint, checkpoint: <directory or hub id>, name: <short name>}")
             if train_len == "base":
                 train_len = base_window
             if rope == "none" and attention == "exact" and regime == "finetuned" and train_len <= base_window:
@@ -311,16 +348,30 @@ def expand_grid(cfg: dict) -> list[dict]:
                 raise ConfigError(f"finetune.tokens_per_step={tokens_per_step} must be a multiple of "
                                   f"{where}.train_len={train_len} (whole rows a step)")
             cid = cell_id(rope, attention, train_len, regime)
-            if cid in seen:
-                raise ConfigError(f"{where} repeats cell {cid} (first defined in grid[{seen[cid]}])")
-            seen[cid] = index
             params = _method_params(cfg, rope, base_window, train_len, regime, entry.get("params") or {}, where)
             attention_params = _attention_params(cfg, attention, base_window, train_len, regime,
                                                  entry.get("attention_params") or {}, where)
-            cells.append({"cell_id": cid, "rope": rope, "attention": attention, "train_len": train_len,
-                          "regime": regime, "base_window": base_window, "method_params": params,
-                          "attention_params": attention_params})
+            cell = {"cell_id": cid, "rope": rope, "attention": attention, "train_len": train_len,
+                    "regime": regime, "base_window": base_window, "method_params": params,
+                    "attention_params": attention_params, "seed": None, "group": cid}
+            if regime != "finetuned":   # deterministic: the same model and the same numbers every time
+                add(cell, where)
+                continue
+            for seed in cfg["study"]["seeds"]:
+                add({**cell, "cell_id": seeded_id(cid, seed), "seed": seed}, where)
     return cells
+
+
+def _checkpoint_cell(cfg: dict, entry: dict, where: str) -> dict:
+    """The cell of a checkpoint entry: its axes read from the checkpoint's config (workflow.checkpoints)."""
+    given = sorted(set(entry) - {"regime", "checkpoint", "name"})
+    if given:
+        raise ConfigError(f"{where}: a checkpoint entry takes {', '.join(given)} from the checkpoint's config; "
+                          f"remove {'it' if len(given) == 1 else 'them'}")
+    try:
+        return describe_checkpoint(entry["checkpoint"], entry["name"], cfg["model"], f"{where}.checkpoint")
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _method_params(cfg, rope, base_window, train_len, regime, entry_params, where) -> dict:
@@ -359,12 +410,24 @@ def stage_config(cfg: dict, cell: dict | None = None, stage: str = "cell") -> di
     base = {"model": cfg["model"], "pretrain": cfg["pretrain"], "data": data}
     if stage == "base":
         return base
-    out = {"study": cfg["study"]["name"], **cell, "base": base}
+    if cell["regime"] == CHECKPOINT:  # evaluated as it is: of the base model only how it computes
+        base = {"model": {k: cfg["model"][k] for k in ("attn_implementation", "dtype")}, "data": data}
+    # `group` is the report's; a seed is part of the job only when it is not 0 (so a one-seed study's jobs, and the
+    # first seed's, have the configs and hashes they had before seeds existed)
+    fields = {k: v for k, v in cell.items() if k != "group" and not (k == "seed" and not v)}
+    out = {"study": cfg["study"]["name"], **fields, "base": base}
     if stage == "finetune":
-        return {**out, "finetune": cfg["finetune"]}
+        return {**out, "finetune": finetune_config(cfg, cell)}
     if stage == "evaluate":
-        return {**out, "finetune": cfg["finetune"] if cell["regime"] == "finetuned" else None, "eval": cfg["eval"]}
+        return {**out, "finetune": finetune_config(cfg, cell) if cell["regime"] == "finetuned" else None,
+                "eval": cfg["eval"]}
     raise ValueError(f"unknown stage {stage!r}")
+
+
+def finetune_config(cfg: dict, cell: dict) -> dict:
+    """The fine-tuning recipe of a cell: `finetune`, with the seed finetune.seed + the cell's seed number."""
+    seed = cell.get("seed") or 0
+    return cfg["finetune"] if not seed else {**cfg["finetune"], "seed": cfg["finetune"]["seed"] + seed}
 
 
 def code_version(checkout: Path = REPO) -> str:

@@ -31,6 +31,8 @@ from lm_eval.models.huggingface import HFLM
 
 from methods import attention_of
 from methods.attention import check_prefill_chunk
+from workflow import checkpoints
+from workflow.checkpoints import CHECKPOINT
 from workflow.common import read_json
 from workflow.modeling import cell_model
 
@@ -44,6 +46,8 @@ def cell_paths(cell_dir: str | Path) -> tuple[dict, Path]:
     if not record_path.is_file():
         raise FileNotFoundError(f"{cell_dir} is not a cell directory (no cell.json)")
     cfg = read_json(record_path)["config"]
+    if cfg["regime"] == CHECKPOINT:   # a given checkpoint, checked against the study's tokenizer
+        return cfg, checkpoints.prepare(cfg, cell_dir.parent.parent / "data")
     model_dir = cell_dir / "model" if cfg["regime"] == "finetuned" else cell_dir.parent.parent / "base" / "model"
     return cfg, model_dir
 

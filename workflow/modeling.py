@@ -106,7 +106,7 @@ def import_location(spec: dict) -> tuple[str, dict, dict]:
             "source": "gguf_package", "package": spec["package"], "package_version": metadata.version(spec["package"]),
             "gguf_file": gguf.name, "gguf_bytes": gguf.stat().st_size}
     if source == "hub":
-        return _hub_snapshot(spec.get("hub_id")), {}, {"source": "hub", "hub_id": spec.get("hub_id")}
+        return hub_snapshot(spec.get("hub_id")), {}, {"source": "hub", "hub_id": spec.get("hub_id")}
     raise ValueError(f"model.source must be one of {', '.join(MODEL_SOURCES)}; got {source!r}")
 
 
@@ -120,23 +120,25 @@ def shipped_dir(name: str | None) -> Path:
     return where
 
 
-def _hub_snapshot(hub_id: str | None) -> str:
-    """A local snapshot (config, safetensors weights, tokenizer) of a hub model; a clear error when offline."""
+def hub_snapshot(hub_id: str | None, what: str = "model.hub_id",
+                 instead: str = "use model.source=hf_dir model.path=<the directory>",
+                 patterns: tuple[str, ...] = ("*.json", "*.safetensors", "tokenizer*")) -> str:
+    """A local snapshot (by default config, safetensors weights, tokenizer; `patterns` narrows it) of a hub model;
+    a clear error naming `what` (the key that gave the id) when it cannot be had, e.g. offline."""
     import os
 
     from huggingface_hub import snapshot_download
 
     if not hub_id:
-        raise ValueError("model.source 'hub' needs model.hub_id (e.g. meta-llama/Llama-2-7b-hf)")
+        raise ValueError(f"{what} needs a hub id (e.g. meta-llama/Llama-2-7b-hf)")
     try:
-        return snapshot_download(hub_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+        return snapshot_download(hub_id, allow_patterns=list(patterns))
     except Exception as exc:  # offline, gated, unknown id: all end here
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
         hint = (" ctxext runs offline by default (HF_HUB_OFFLINE=1): run with HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0"
                 if offline else " Check the network, and accept the model's licence and log in (`hf auth login`).")
-        raise RuntimeError(f"model.hub_id={hub_id!r}: cannot fetch it from the Hugging Face hub "
-                           f"({type(exc).__name__}).{hint} Or download it yourself and use model.source=hf_dir "
-                           "model.path=<the directory>.") from exc
+        raise RuntimeError(f"{what}={hub_id!r}: cannot fetch it from the Hugging Face hub "
+                           f"({type(exc).__name__}).{hint} Or download it yourself and {instead}.") from exc
 
 
 def import_tokenizer(spec: dict):
@@ -176,9 +178,10 @@ def check_imported(model, model_cfg: dict) -> None:
 
 
 def cell_model(cfg: dict, model_dir: Path, data_dir: Path | None = None, cell_dir: Path | None = None):
-    """The cell's model for evaluation: its fine-tuned checkpoint, or the base model with the cell's method applied
-    (`cfg` is the cell's resolved evaluate config). A frozen LongRoPE cell searches its factors on the validation
-    split of `data_dir` (or reuses the search recorded in `cell_dir`; workflow.rope_search)."""
+    """The cell's model for evaluation: its fine-tuned checkpoint, a checkpoint cell's checkpoint as it is (its own
+    rope configuration; `model_dir` is its local directory, workflow.checkpoints), or the base model with the cell's
+    method applied (`cfg` is the cell's resolved evaluate config). A frozen LongRoPE cell searches its factors on the
+    validation split of `data_dir` (or reuses the search recorded in `cell_dir`; workflow.rope_search)."""
     model_cfg = cfg.get("base", {}).get("model", {})
     model = load_model(model_dir, model_cfg.get("attn_implementation", "sdpa"), model_cfg.get("dtype", "float32"),
                        to_device=True)

@@ -1,12 +1,13 @@
 """The statistics of the study, in one place and on scipy: confidence intervals of every stored value, the rank
-correlation and the medians of the report's rules. Every interval is two-sided at `CONFIDENCE`."""
+correlation, the medians of the report's rules, the spread of a cell over its seeds and the paired comparison of two
+cells over the same seeds. Every interval is two-sided at `CONFIDENCE`."""
 from __future__ import annotations
 
 import math
 import statistics
 from typing import Sequence
 
-from scipy.stats import binomtest, kendalltau, norm, t
+from scipy.stats import binomtest, kendalltau, norm, t, ttest_rel
 
 CONFIDENCE = 0.95
 NAN = float("nan")
@@ -71,3 +72,32 @@ def kendall(xs: Sequence[float], ys: Sequence[float]) -> tuple[float | None, flo
 def median(values: Sequence[float]) -> float:
     """The median (the mean of the two middle values for an even count)."""
     return float(statistics.median(values))
+
+
+def spread(values: Sequence[float]) -> dict:
+    """The spread of one quantity over repeated runs (a cell's value at one length over its seeds): n, mean, sample
+    standard deviation (n - 1 in the denominator; nan for a single value), min and max."""
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "mean": NAN, "sd": NAN, "min": NAN, "max": NAN}
+    return {"n": n, "mean": math.fsum(values) / n, "sd": statistics.stdev(values) if n > 1 else NAN,
+            "min": float(min(values)), "max": float(max(values))}
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> dict:
+    """Paired comparison of two quantities measured on the same runs (two methods' perplexity, seed by seed): n, the
+    mean of a_i - b_i, its Student-t interval (n - 1 degrees of freedom) and the two-sided p-value of the paired t-test
+    (scipy.stats.ttest_rel). With fewer than two pairs the bounds and p are nan; when every difference is the same the
+    interval is that value and p is nan (the test is undefined)."""
+    if len(a) != len(b):
+        raise ValueError(f"paired values need the same number of runs, got {len(a)} and {len(b)}")
+    n = len(a)
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = math.fsum(diffs) / n if n else NAN
+    if n < 2:
+        return {"n": n, "mean": mean, "low": NAN, "high": NAN, "p": NAN}
+    if statistics.stdev(diffs) == 0:
+        return {"n": n, "mean": mean, "low": mean, "high": mean, "p": NAN}
+    result = ttest_rel(a, b)
+    ci = result.confidence_interval(confidence_level=confidence)
+    return {"n": n, "mean": mean, "low": float(ci.low), "high": float(ci.high), "p": float(result.pvalue)}

@@ -7,10 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from workflow.report.charts import legend_key
 from workflow.report.formatting import as_json, compact_params, fmt_count, fmt_num
 from workflow.report.queries import Db
-from workflow.report.style import cell_style
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE_DIR = REPO / "reports" / "reference"   # methods.yaml (overview text), paper.yaml (published numbers)
@@ -116,7 +114,8 @@ def load_reference(directory: Path = REFERENCE_DIR) -> tuple[dict, dict]:
 
 
 def load_cells(db: Db, expected: list[str], methods: dict) -> list[dict]:
-    """Every stored cell, then every cell study.json expects but the store never saw (status says so)."""
+    """Every stored cell (one per seed of a fine-tuned cell), then every cell study.json expects but the store never
+    saw (status says so). Their figure styles come with their groups (workflow.report.seeds.group_cells)."""
     cells = db.rows("cells")
     seen = {c["cell_id"] for c in cells}
     for cid in expected or []:
@@ -125,8 +124,11 @@ def load_cells(db: Db, expected: list[str], methods: dict) -> list[dict]:
                           "regime": "—", "base_window": None, "method_params": None, "attention_params": None,
                           "config_hash": None, "code_version": None, "train_wall_s": None,
                           "train_tokens_per_s": None, "train_peak_mem_mb": None, "status": "no cell record",
-                          "status_reason": None})
-    for i, c in enumerate(cells):
+                          "status_reason": None, "seed": None, "group_id": None, "checkpoint": None})
+    for c in cells:
+        # the seeds of one cell share its group (its id without the seed suffix; workflow.report.seeds); a cell the
+        # store never saw is a group of its own
+        c["group"] = c["group_id"] or c["cell_id"]
         rope = methods["rope"].get(c["rope"], {})
         attn = methods["attention"].get(c["attention"], {})
         known = c["rope"] is not None
@@ -143,11 +145,10 @@ def load_cells(db: Db, expected: list[str], methods: dict) -> list[dict]:
         c["spec"] = ", ".join(c["specs"]) or "—"
         c["papers"] = [paper_link(d["paper"]) for d in parts if d.get("paper")]
         c["params"] = compact_params({**(as_json(c["method_params"]) or {}), **(as_json(c["attention_params"]) or {})})
+        if c.get("checkpoint"):   # a checkpoint cell: where it came from, then its own rope parameters
+            c["params"] = f"{c['checkpoint']}: {c['params']}"
         c["scale"] = fmt_num(c["train_len"] / c["base_window"]) if c["base_window"] and c["train_len"] else "—"
         c["hash"] = (c["config_hash"] or "—")[:12]
-        c["style"] = cell_style(i)  # the same colour and marker in every figure
-        c["color"] = c["style"].color
-        c["key"] = legend_key(c["style"], dashed=c["regime"] == "frozen")
         c["ok"] = c["status"] == "ok"
         c["status_text"] = c["status"] + (f": {c['status_reason']}" if c.get("status_reason") else "")
     return cells

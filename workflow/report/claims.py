@@ -169,8 +169,9 @@ def claims_scoreboard(ev: Evidence, corr: list[dict], paper: dict) -> list[dict]
     return out
 
 
-def findings(ev: Evidence, corr: list[dict], claims: list[dict], retrieval: dict) -> list[dict]:
-    """4-6 statements read off the numbers, each with the cells it rests on (rules in this function)."""
+def findings(ev: Evidence, corr: list[dict], claims: list[dict], retrieval: dict, seeds: dict | None = None) -> list[dict]:
+    """4-6 statements read off the numbers, each with the cells it rests on (rules in this function). Where cells have
+    several seeds, `ev` holds their seed means and `seeds` (workflow.report.seeds.seed_summary) their spread."""
     out = []
     at_longest = ev.ppl_at(ev.longest)
     if at_longest:
@@ -184,6 +185,17 @@ def findings(ev: Evidence, corr: list[dict], claims: list[dict], retrieval: dict
                      f"({fmt_num(at_longest[ev.base_cell] / best)}× higher)")
             cited.append(ev.base_cell)
         out.append({"text": text + ".", "cells": cited})
+    if seeds and seeds["relative_range"]:
+        rel = seeds["relative_range"]
+        lo, hi = min(rel, key=rel.get), max(rel, key=rel.get)
+        ns = seeds["seeds"]
+        runs = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
+        text = (f"Between seeds ({runs} runs a cell), perplexity at {fmt_len(seeds['longest'])} tokens varies by "
+                f"{100 * rel[lo]:.1f}% ({lo}) to {100 * rel[hi]:.1f}% ({hi}) of the cell's mean (max − min)")
+        if seeds["pairs"]:
+            text += (f"; {seeds['differ']} of {seeds['pairs']} pairs of methods fine-tuned at the same length differ "
+                     f"there beyond the run-to-run spread (paired 95% t-interval over seeds excluding 0)")
+        out.append({"text": text + ". The other findings rest on the seed means.", "cells": sorted({lo, hi})})
     ratios = {c["cell_id"]: r for c in ev.of(lambda c: c["regime"] == "finetuned") if (r := _ratio_beyond(ev, c))}
     if ratios:
         lo, hi = min(ratios, key=lambda k: ratios[k][0]), max(ratios, key=lambda k: ratios[k][0])

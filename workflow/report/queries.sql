@@ -8,11 +8,14 @@ SELECT max(version) AS version FROM schema_info;
 SELECT key, value FROM study ORDER BY key;
 
 -- name: cells
--- Frozen cells first (the unmodified base leads), then by training length and method.
+-- Frozen cells first (the unmodified base leads), then by training length and method, the seeds of a cell together
+-- (seed number 0 first), checkpoint cells last.
 SELECT cell_id, study, rope, attention, train_len, regime, base_window, method_params,
-       json_extract(config, '$.attention_params') AS attention_params, config_hash, code_version, train_wall_s, train_tokens_per_s, train_peak_mem_mb, status, status_reason
+       json_extract(config, '$.attention_params') AS attention_params, config_hash, code_version, train_wall_s,
+       train_tokens_per_s, train_peak_mem_mb, status, status_reason, seed, group_id, checkpoint
 FROM cells
-ORDER BY regime = 'finetuned', train_len, rope <> 'none', rope, attention, cell_id;
+ORDER BY regime = 'checkpoint', regime = 'finetuned', train_len, rope <> 'none', rope, attention, group_id,
+         seed NULLS FIRST, cell_id;
 
 -- name: length_values
 -- One value per (cell, eval_len) of a length-only metric (no depth), e.g. perplexity.

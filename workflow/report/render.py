@@ -16,6 +16,7 @@ from workflow.report.charts import Chart
 from workflow.report.claims import Evidence, claims_scoreboard, correlations, findings
 from workflow.report.formatting import abbreviate, as_json, fmt_count, fmt_duration, fmt_len, pretty
 from workflow.report.queries import Db, load_queries
+from workflow.report.seeds import group_cells, seed_summary
 from workflow.report.sections import (benchmarks_section, perplexity_section, reference_section, retrieval_section, task_suites_section,
                                       training_section)
 
@@ -59,13 +60,15 @@ def build_context(db: Db, ppl_clip: float) -> dict:
     """Everything the template shows, computed from the database (and the two reference files)."""
     methods, paper = load_reference()
     study = {r["key"]: as_json(r["value"]) for r in db.rows("study")}
-    cells = load_cells(db, study.get("cells"), methods)
+    stored = load_cells(db, study.get("cells"), methods)  # every stored cell: one per seed of a fine-tuned cell
+    cells = group_cells(stored)                            # one per cell: its seeds together (workflow.report.seeds)
+    group_of = {c["cell_id"]: c["group"] for c in stored}
     base_window = study.get("base_window") or next((c["base_window"] for c in cells if c["base_window"]), None)
     base_cell = next((c["cell_id"] for c in cells if c["rope"] == "none" and c["attention"] == "exact"
                       and c["regime"] == "frozen"), None)
-    ppl = perplexity_section(db, cells, base_window, ppl_clip)
-    retrieval = retrieval_section(db, cells, base_cell, base_window)
-    suites = task_suites_section(db, cells)
+    ppl = perplexity_section(db, cells, base_window, ppl_clip, group_of)
+    retrieval = retrieval_section(db, cells, base_cell, base_window, group_of)
+    suites = task_suites_section(db, cells, group_of)
     downstream = {task: info["means"] for task, info in retrieval.items()}
     for s in suites:  # a suite with several metrics gets one score per metric
         several = sum(x["suite"] == s["suite"] for x in suites) > 1
@@ -76,11 +79,12 @@ def build_context(db: Db, ppl_clip: float) -> dict:
                   informative, base_cell, base_window, paper["thresholds"])
     corr = correlations(ev, downstream, paper)
     claims = claims_scoreboard(ev, corr, paper)
-    training = training_section(db, cells, study.get("base_train") or {})
+    training = training_section(db, stored, study.get("base_train") or {})
+    seeds = sorted({c["seed"] for c in stored if c["seed"] is not None})
     totals = db.one("compute_totals")
     runs = db.rows("runs")
     manifest = study.get("manifest") or study.get("data") or {}
-    n_ft = sum(c["regime"] == "finetuned" for c in cells)
+    n_ft = sum(c["regime"] == "finetuned" for c in stored)
     code_version = study.get("code_version") or (runs[-1]["code_version"] if runs else "unknown")
     name = str(study.get("name") or (cells[0]["study"] if cells else "unnamed study"))
     configs = {r["cell_id"]: r for r in db.rows("cell_configs")}
@@ -90,8 +94,9 @@ def build_context(db: Db, ppl_clip: float) -> dict:
         "model": describe_model(study.get("model"), base_window),
         "data": describe_data(study.get("data") or manifest),
         "training_data": describe_training_data(study.get("config"), study.get("model")),
-        "grid": {"cells": len(cells), "finetuned": n_ft, "frozen": sum(c["regime"] == "frozen" for c in cells),
-                 "not_ok": sum(not c["ok"] for c in cells),
+        "grid": {"cells": len(stored), "finetuned": n_ft, "frozen": sum(c["regime"] == "frozen" for c in stored),
+                 "checkpoint": sum(c["regime"] == "checkpoint" for c in stored),
+                 "not_ok": sum(not c["ok"] for c in stored),
                  "methods": sorted({c["method"] for c in cells if c["method"] != "—"}),
                  "targets": [fmt_len(n) for n in sorted({c["train_len"] for c in cells if c["train_len"]}
                                                         - {base_window})],
@@ -103,8 +108,10 @@ def build_context(db: Db, ppl_clip: float) -> dict:
         "date": runs[-1]["started_at"][:10] if runs else "—",
         "code_version": code_version,
         "other_code_versions": sorted({c["code_version"] for c in cells if c["code_version"]} - {code_version}),
-        "findings": findings(ev, corr, claims, retrieval),
+        "findings": findings(ev, corr, claims, retrieval, seed_summary(ppl["spread"], ppl["pairs"], ev.longest)),
         "cells": cells,
+        "seeds": {"numbers": seeds, "seeded": any(c["seeded"] for c in cells),
+                  "groups": sum(c["seeded"] for c in cells), "ppl_spread": ppl["spread"], "ppl_pairs": ppl["pairs"]},
         "ppl_table": ppl["table"], "ppl_chart": ppl["chart"],
         "retrieval": retrieval,
         "suites": suites,
@@ -120,13 +127,13 @@ def build_context(db: Db, ppl_clip: float) -> dict:
         "cell_configs": [{"cell_id": c["cell_id"], "status": c["status"],
                           "config": pretty(as_json(configs[c["cell_id"]]["config"])) if c["cell_id"] in configs
                           else None, "rerun": rerun_command(name, c) if c["regime"] != "—" else
-                          f"snakemake --cores all --config study={name} report"} for c in cells],
+                          f"snakemake --cores all --config study={name} report"} for c in stored],
         "manifest_json": pretty(abbreviate(manifest)) if manifest else None,
         "data_hashes": data_hashes(manifest),
         "packages": package_versions(),
         "runs": runs,
         "schema_version": db.one("schema_version").get("version"),
-        "exports": export_tables(cells, ppl["rows"], retrieval, suites, corr, claims, training["table"]),
+        "exports": export_tables(stored, ppl["rows"], retrieval, suites, corr, claims, training["table"], ppl),
         "figures": name_figures([ppl["chart"], *(p for r in retrieval.values() for p in r["panels"]),
                                  *training["charts"]]),
     }
@@ -186,15 +193,23 @@ def write_figures(charts: list[Chart], out_dir: Path, css: str) -> list[Path]:
     return [out_dir / chart.file for chart in charts]
 
 
-def export_tables(cells, ppl_rows, retrieval, suites, corr, claims, efficiency) -> dict[str, list[dict]]:
-    """The report's tables as plain rows (numbers unformatted), one entry per exported file."""
-    keep = ("cell_id", "method", "family", "regime", "train_len", "rope", "attention", "changes", "params_added",
-            "params", "spec", "config_hash", "status")
-    tables = {"cells": [{k: c[k] for k in keep} for c in cells], "perplexity": ppl_rows}
+def export_tables(cells, ppl_rows, retrieval, suites, corr, claims, efficiency, ppl=None) -> dict[str, list[dict]]:
+    """The report's tables as plain rows (numbers unformatted), one entry per exported file: `cells` one row per stored
+    cell (each seed), the result tables one row per cell group and length as shown (seed means), the seeds' spread and
+    paired differences where cells have several seeds."""
+    keep = ("cell_id", "group", "seed", "method", "family", "regime", "train_len", "rope", "attention", "changes",
+            "params_added", "params", "spec", "config_hash", "status", "checkpoint")
+    value_keys = ("cell_id", "eval_len", "depth", "task", "value", "n", "ci_low", "ci_high", "n_seeds")
+    shown = lambda rows: [{k: r[k] for k in value_keys if k in r} for r in rows]  # noqa: E731
+    tables = {"cells": [{k: c.get(k) for k in keep} for c in cells], "perplexity": shown(ppl_rows)}
+    if ppl is not None:
+        tables["seed_spread_ppl"] = ppl["spread"]["records"]
+        tables["seed_pairs_ppl"] = ppl["pairs"]["records"]
     for task, info in retrieval.items():
-        tables[f"retrieval_{task}"] = info["grid"]
+        tables[f"retrieval_{task}"] = shown(info["grid"])
+        tables[f"seed_spread_{task}"] = info["spread"]["records"]
     for s in suites:
-        tables[f"suite_{s['suite']}_{s['metric']}"] = s["rows"]
+        tables[f"suite_{s['suite']}_{s['metric']}"] = shown(s["rows"])
     tables["correlation"] = [{k: c[k] for k in ("score", "n", "tau", "p", "paper_task", "paper_tau", "paper_p")}
                              for c in corr]
     tables["claims"] = [{"id": c["id"], "claim": c["claim"], "reference_numbers": c["evidence"],

@@ -1,5 +1,7 @@
 """The report's sections: the named queries turned into the tables and figures of each section (perplexity,
-retrieval, task suites, the reference study side by side, training and efficiency)."""
+retrieval, task suites, the reference study side by side, training and efficiency). The result sections show one row
+per cell group (`group_of` maps each stored cell to its group): a cell fine-tuned with several seeds as the mean over
+its seeds (workflow.report.seeds)."""
 from __future__ import annotations
 
 import math
@@ -9,6 +11,7 @@ from workflow.report.charts import Series, heatmap, line_chart
 from workflow.report.claims import Evidence
 from workflow.report.formatting import fmt_duration, fmt_len, fmt_num, fmt_pct
 from workflow.report.queries import Db
+from workflow.report.seeds import paired_table, seed_means, spread_table
 from workflow.report.style import Style
 
 PPL = ("ppl", "ppl")                # (task, metric) of perplexity rows
@@ -47,9 +50,13 @@ def length_table(cells: list[dict], rows: list[dict], *, better: str, fmt) -> di
                 text = fmt(r["value"])
                 if r["value"] == best.get(length):
                     classes.append("best")
+                seeds = r.get("n_seeds", 1)
                 if r.get("ci_low") is not None and r.get("ci_high") is not None:
                     ci = f"{fmt(r['ci_low'])}–{fmt(r['ci_high'])}"
-                    title = f"95% CI {ci}, n = {r['n']}"
+                    title = (f"mean of {seeds} seeds, 95% t-interval over the seeds {ci}" if seeds > 1
+                             else f"95% CI {ci}, n = {r['n']}")
+                elif seeds > 1:
+                    title = f"mean of {seeds} seeds"
                 elif r.get("n") is not None:
                     title = f"n = {r['n']}"
             values.append({"text": text, "classes": " ".join(classes), "title": title, "ci": ci,
@@ -58,8 +65,11 @@ def length_table(cells: list[dict], rows: list[dict], *, better: str, fmt) -> di
     return {"lengths": [{"value": l, "label": fmt_len(l)} for l in lengths], "rows": out_rows}
 
 
-def perplexity_section(db: Db, cells: list[dict], base_window, ppl_clip: float) -> dict:
-    rows = db.rows("length_values", *PPL)
+def perplexity_section(db: Db, cells: list[dict], base_window, ppl_clip: float, group_of: dict | None = None) -> dict:
+    """Table 2 and Figure 1 (one row and curve per group; seed means with their t-interval over the seeds), and the
+    seeds' spread (Table 2.1) and paired differences between methods (Table 2.2)."""
+    runs = db.rows("length_values", *PPL)
+    rows = seed_means(runs, group_of or {})
     series = []
     for c in cells:
         own = [r for r in rows if r["cell_id"] == c["cell_id"]]
@@ -75,7 +85,8 @@ def perplexity_section(db: Db, cells: list[dict], base_window, ppl_clip: float) 
     chart = line_chart(series, title="Perplexity by evaluation length", xlabel="evaluation length (tokens, log₂)",
                        ylabel="perplexity (log)", name="perplexity", x_kind="log2", y_kind="log10",
                        guides=sorted(marks.items()), clip=ppl_clip)
-    return {"rows": rows, "table": length_table(cells, rows, better="low", fmt=fmt_num), "chart": chart}
+    return {"rows": rows, "runs": runs, "table": length_table(cells, rows, better="low", fmt=fmt_num), "chart": chart,
+            "spread": spread_table(cells, runs, fmt_num), "pairs": paired_table(cells, runs)}
 
 
 def effective_lengths(cells: list[dict], by_len: list[dict], base_cell: str | None, base_window) -> dict:
@@ -101,13 +112,14 @@ def effective_lengths(cells: list[dict], by_len: list[dict], base_cell: str | No
     return {"threshold": threshold, "cells": out}
 
 
-def retrieval_section(db: Db, cells: list[dict], base_cell: str | None = None, base_window=None) -> dict:
+def retrieval_section(db: Db, cells: list[dict], base_cell: str | None = None, base_window=None,
+                      group_of: dict | None = None) -> dict:
     """Per length x depth task: exact-match table by length (mean over depths), the graded metrics by length, one
-    heatmap per cell, mean accuracy per cell and each cell's effective length."""
-    out = {}
+    heatmap per cell, mean accuracy per cell, each cell's effective length, and the spread over seeds by length."""
+    out, group_of = {}, group_of or {}
     tasks = [r["task"] for r in db.rows("retrieval_tasks", ACCURACY)]
     for task in sorted(tasks, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else len(TASK_ORDER), t)):
-        grid = db.rows("retrieval_grid", task, ACCURACY)
+        grid = seed_means(db.rows("retrieval_grid", task, ACCURACY), group_of, ("eval_len", "depth"))
         lengths = sorted({r["eval_len"] for r in grid})
         depths = sorted({r["depth"] for r in grid})
         panels, absent = [], []
@@ -118,10 +130,11 @@ def retrieval_section(db: Db, cells: list[dict], base_cell: str | None = None, b
                                       ylabel="depth", name=f"{task}-{c['cell_id']}", style=c["style"]))
             else:
                 absent.append(c["cell_id"])
-        by_len = db.rows("retrieval_by_length", task, ACCURACY)
+        by_len_runs = db.rows("retrieval_by_length", task, ACCURACY)
+        by_len = seed_means(by_len_runs, group_of)
         graded = []
         for metric, label, fmt, better in GRADED:
-            rows = db.rows("retrieval_by_length", task, metric)
+            rows = seed_means(db.rows("retrieval_by_length", task, metric), group_of)
             if rows:
                 graded.append({"metric": metric, "label": label,
                                "table": length_table(cells, rows, better=better, fmt=fmt)})
@@ -131,7 +144,9 @@ def retrieval_section(db: Db, cells: list[dict], base_cell: str | None = None, b
             "graded": graded,
             "effective": effective_lengths(cells, by_len, base_cell, base_window),
             "panels": panels, "absent": absent,
-            "means": {r["cell_id"]: r["value"] for r in db.rows("retrieval_mean", task, ACCURACY)},
+            "means": {r["cell_id"]: r["value"] for r in seed_means(db.rows("retrieval_mean", task, ACCURACY), group_of,
+                                                                   ())},
+            "spread": spread_table(cells, by_len_runs, lambda v: f"{100 * v:.0f}"),
         }
     return out
 
@@ -187,21 +202,22 @@ def benchmarks_section(db: Db) -> list[dict]:
     return out
 
 
-def task_suites_section(db: Db, cells: list[dict]) -> list[dict]:
+def task_suites_section(db: Db, cells: list[dict], group_of: dict | None = None) -> list[dict]:
     """Every suite other than ppl/passkey/needle: average over tasks by length, and per task by length."""
-    out = []
+    out, group_of = [], group_of or {}
     fmt = lambda v: f"{100 * v:.1f}" if v is not None and abs(v) <= 1 else fmt_num(v)
     for suite in db.rows("task_suites"):
         name, metric = suite["suite"], suite["metric"]
-        by_task = db.rows("suite_by_task", name, metric)
+        by_task = seed_means(db.rows("suite_by_task", name, metric), group_of, ("task", "eval_len"))
         tasks = sorted({r["task"] for r in by_task})
         out.append({
             "suite": name, "metric": metric, "n_tasks": suite["n_tasks"],
-            "average": length_table(cells, db.rows("suite_average", name, metric), better="high", fmt=fmt),
+            "average": length_table(cells, seed_means(db.rows("suite_average", name, metric), group_of), better="high",
+                                    fmt=fmt),
             "rows": by_task,
             "per_task": [{"task": t, "table": length_table(cells, [r for r in by_task if r["task"] == t],
                                                            better="high", fmt=fmt)} for t in tasks],
-            "means": {r["cell_id"]: r["value"] for r in db.rows("suite_mean", name, metric)},
+            "means": {r["cell_id"]: r["value"] for r in seed_means(db.rows("suite_mean", name, metric), group_of, ())},
         })
     return out
 

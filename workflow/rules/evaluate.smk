@@ -1,9 +1,17 @@
 # Evaluate stage: one job per cell; one JSON file of tidy rows per task. The cell's resolved config
 # is written beside its results (cell.json).
+# A checkpoint cell (regime checkpoint, workflow.checkpoints) evaluates its own checkpoint, not the base model: its
+# local files are the rule's inputs (none for a hub id; the stage fetches the snapshot, or stops offline) and the stage
+# takes no --model.
 def cell_model_dir(wildcards):
-    if CELLS[wildcards.cell]["regime"] == "finetuned":
+    regime = CELLS[wildcards.cell]["regime"]
+    if regime == "finetuned":
         return f"{R}/cells/{wildcards.cell}/model"
-    return f"{R}/base/model"
+    return [] if regime == CHECKPOINT else f"{R}/base/model"
+
+
+def model_arg(wildcards, input):
+    return "" if CELLS[wildcards.cell]["regime"] == CHECKPOINT else f"--model {shlex.quote(str(input.model))}"
 
 
 rule cell_config:
@@ -23,11 +31,13 @@ rule evaluate:
         # the data files the study's tasks read (workflow.tasks registry)
         data=sorted({f"{R}/data/{name}" for task in TASKS for name in get_task(task).data_files}),
         model=cell_model_dir,
+        checkpoint=lambda w: checkpoint_files(CELLS[w.cell]),
     output:
         expand(f"{R}/cells/{{{{cell}}}}/eval/{{task}}.json", task=TASKS),
     params:
         cfg=lambda w: json.dumps(stage_config(CFG, CELLS[w.cell], "evaluate"), sort_keys=True),
         cfg_file=f"{R}/configs/evaluate-{{cell}}.json",
+        model=model_arg,
     resources:
         **RESOURCES["evaluate"],
     log:
@@ -39,4 +49,4 @@ rule evaluate:
     threads: CFG["eval"]["threads"]
     shell:
         WRITE_CONFIG + " && {PY} -m workflow.stages.evaluate --config {params.cfg_file} --data-dir {R}/data "
-        "--model {input.model} --out {R}/cells/{wildcards.cell}/eval --threads {threads} " + TEE
+        "{params.model} --out {R}/cells/{wildcards.cell}/eval --threads {threads} " + TEE

@@ -1,5 +1,7 @@
 """Evaluate stage: score one cell on every task of the study (`eval.tasks`, dispatched through the registry in
-`workflow.tasks`) and write one JSON file of tidy rows per task (`<cell>/eval/<task>.json`).
+`workflow.tasks`) and write one JSON file of tidy rows per task (`<cell>/eval/<task>.json`). A checkpoint cell
+(regime `checkpoint`, workflow.checkpoints) evaluates its checkpoint as it is, after checking its tokenizer against
+the study's; it takes no --model.
 
     python -m workflow.stages.evaluate --config evaluate.json --data-dir results/tiny/data \
         --model results/tiny/cells/yarn-exact-1024-ft/model --out results/tiny/cells/yarn-exact-1024-ft/eval
@@ -11,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from workflow import checkpoints
+from workflow.checkpoints import CHECKPOINT
 from workflow.common import (RESULT_SCHEMA_VERSION, log, peak_memory_mb, read_json, run_cell_stage, set_threads,
                              stage_parser, write_json)
 from workflow.modeling import cell_model
@@ -25,9 +29,12 @@ def headline(task: str, rows: list[dict]) -> str:
                      if r["metric"] in ("ppl", "score") or (r["metric"] == "accuracy" and r.get("depth") == first_depth))
 
 
-def evaluate_cell(cfg: dict, data_dir: Path, model_dir: Path, out_dir: Path, tasks: list[str] | None = None) -> None:
+def evaluate_cell(cfg: dict, data_dir: Path, model_dir: Path | None, out_dir: Path,
+                  tasks: list[str] | None = None) -> None:
     ev = cfg["eval"]
     tasks = [get_task(name) for name in (tasks or ev["tasks"])]
+    if cfg["regime"] == CHECKPOINT:  # its directory (a hub id: the snapshot), its tokenizer checked: before any compute
+        model_dir = checkpoints.prepare(cfg, data_dir)
     model = cell_model(cfg, model_dir, data_dir, out_dir.parent)
     ensure_eval_fits(model, ev["lengths"] + ev["retrieval"]["lengths"], ev["batch_tokens"])
     ctx = EvalContext(cfg, model, model_dir, data_dir)
@@ -44,11 +51,18 @@ def evaluate_cell(cfg: dict, data_dir: Path, model_dir: Path, out_dir: Path, tas
 
 def main(argv=None) -> None:
     parser = stage_parser(__doc__, "the cell's eval directory")
-    parser.add_argument("--model", required=True, type=Path, help="fine-tuned cell model, or the base model")
+    parser.add_argument("--model", type=Path, help="fine-tuned cell model, or the base model (not for a checkpoint "
+                                                   "cell: its config names the checkpoint)")
     args = parser.parse_args(argv)
     set_threads(args.threads)
     cfg = read_json(args.config)
-    run_cell_stage("evaluate", cfg, args.out.parent, lambda: evaluate_cell(cfg, args.data_dir, args.model, args.out))
+    if args.model is None and cfg["regime"] != CHECKPOINT:
+        parser.error(f"--model is required for a cell of regime {cfg['regime']!r}")
+    try:
+        run_cell_stage("evaluate", cfg, args.out.parent, lambda: evaluate_cell(cfg, args.data_dir, args.model, args.out))
+    except checkpoints.CheckpointError as exc:   # missing, offline, another tokenizer: the message, no traceback
+        log(f"{cfg['cell_id']}: {exc}")
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Fine-tune stage: apply a cell's method to the base model and train it with the controlled recipe
-(the same tokens, order, steps, optimiser, schedule and seed for every method). Saves
+(the same tokens, order, steps, optimiser, schedule and seed for every method; a seed number r > 0 of
+study.seeds fine-tunes with seed finetune.seed + r and starts the corpus rows at a seeded step). Saves
 `<cell>/model` so that it reloads with plain `AutoModelForCausalLM.from_pretrained`.
 
     python -m workflow.stages.finetune --config finetune.json --data-dir results/tiny/data \
@@ -16,9 +17,9 @@ import numpy as np
 import torch
 
 from methods import attention_of
-from workflow.batches import finetune_batches
+from workflow.batches import finetune_batches, seed_start_step
 from workflow import distributed, rope_search
-from workflow.common import run_cell_stage, stage_parser, read_json, set_threads, write_json
+from workflow.common import log, run_cell_stage, stage_parser, read_json, set_threads, write_json
 from workflow.modeling import apply_cell_method, load_model, save_model_dir
 from workflow.synthetic import row_maker
 from workflow.train import remove_checkpoint, train
@@ -38,7 +39,13 @@ def finetune_cell(cfg: dict, data_dir: Path, base_dir: Path, out: Path) -> dict:
     tokens = np.load(data_dir / "train.npy", mmap_mode="r")
     # synthetic rows in fine-tuning: finetune.synthetic's shares (the reference study fine-tunes on text only)
     rows = row_maker(tokenizer, tokens, cfg["base"]["data"]["synthetic"], ft["synthetic"], ft["seed"])
-    batches = finetune_batches(tokens, cfg["train_len"], ft["tokens_per_step"], rows)
+    # seed number r > 0 (study.seeds): the fine-tuning seed is finetune.seed + r (already in `ft`) and the corpus rows
+    # start at a seeded step of the stream (the same for every method and length); r = 0 reads from the start
+    start = seed_start_step(cfg.get("seed") or 0, ft["seed"], len(tokens), ft["tokens_per_step"])
+    if start:
+        log(f"{cfg['cell_id']}: seed number {cfg['seed']} (fine-tuning seed {ft['seed']}): corpus rows from step "
+            f"{start} of the stream")
+    batches = finetune_batches(tokens, cfg["train_len"], ft["tokens_per_step"], rows, start)
     attention = attention_of(model)  # e.g. Landmark inserts its tokens (in the loss or not: landmark_in_loss)
     summary = train(model, batches, {**ft, "dtype": model_cfg.get("dtype", "float32")}, out, label=f"finetune {cfg['cell_id']}",
                     inputs_fn=lambda batch: attention.training_inputs(model, batch))

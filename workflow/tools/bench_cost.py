@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from workflow.checkpoints import CHECKPOINT
 from workflow.common import hardware, log, set_threads
 from workflow.config import CONFIG_DIR, compose, expand_grid
 from workflow.measure import measure_peak
@@ -132,7 +133,9 @@ def run(cfg: dict, bench_cfg: dict, model_dir: Path | None, cells_wanted: list[s
         base = load_model(model_dir, model_cfg.get("attn_implementation", "sdpa"), "float32")
     else:
         base = build_scratch_model(model_cfg, _Sized(vocab_size), seed=0)
-    cells = expand_grid(cfg)
+    # one cell per method: a seed repeat costs what its first seed costs, and a checkpoint cell is not a method applied
+    # to this base model
+    cells = [c for c in expand_grid(cfg) if c["regime"] != CHECKPOINT and not c.get("seed")]
     if cells_wanted:
         unknown = set(cells_wanted) - {c["cell_id"] for c in cells}
         if unknown:
