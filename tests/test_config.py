@@ -140,7 +140,8 @@ def test_cell_record_has_config_and_hash():
     ("model.base_window=true", "model.base_window must be an integer, got True"),
     ("model.hidden_size=130", "model.hidden_size=130 must be a multiple of model.num_attention_heads=4"),
     ("model.num_key_value_heads=3", "model.num_attention_heads=4 must be a multiple of model.num_key_value_heads=3"),
-    ("pretrain.lr=0", "pretrain.lr must be > 0 when model.source is 'scratch', got 0"),
+    (("pretrain=tiny", "model.source=scratch", "pretrain.lr=0"),   # tiny starts from a shipped model: scratch
+     "pretrain.lr must be > 0 when model.source is 'scratch', got 0"),
     ("finetune.betas=[0.9]", "finetune.betas must have at least 2 items, got [0.9]"),
     ("eval.retrieval.depths=[0.5,1.5]", "eval.retrieval.depths[1] must be <= 1, got 1.5"),
     ("eval.tasks=[ppl,ppl]", "eval.tasks repeats an item: ['ppl', 'ppl']"),
