@@ -18,6 +18,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -47,6 +48,29 @@ def random_ids(n, vocab, seed=1):
 @torch.no_grad()
 def logits(model, x):
     return model(input_ids=x).logits
+
+
+def check_reload_and_refusals(model, plain, impl: str, params: dict, x, tmp_path) -> None:
+    """The contract of an attention kind that installs its own attention function (LM-Infinite, Self-Extend): a
+    saved model reloads with the kind and its parameters and the same logits; a left-padded batch is refused (the
+    kinds take contiguous positions); a model without the kind installed fails clearly when asked for `impl`."""
+    from workflow.modeling import load_model
+
+    expected = logits(model, x)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    again = load_model(tmp_path)
+    assert again.config._attn_implementation == impl
+    assert again.config.ctxext_attention["params"] == params
+    torch.testing.assert_close(logits(again, x), expected, rtol=1e-5, atol=1e-5)
+    rows = x[:1, :8].repeat(2, 1)
+    mask = torch.ones_like(rows)
+    mask[1, :3] = 0
+    with pytest.raises(ValueError, match="unpadded"):
+        model(input_ids=rows, attention_mask=mask)
+    model(input_ids=rows, attention_mask=torch.ones_like(rows))  # an all-ones mask is fine
+    plain.set_attn_implementation(impl)
+    with pytest.raises(RuntimeError, match="not installed"):
+        plain(input_ids=rows)
 
 
 @torch.no_grad()

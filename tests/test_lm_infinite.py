@@ -9,7 +9,7 @@ from transformers import AttentionInterface
 
 from methods import ATTENTIONS, get_attention, get_method
 from methods.lm_infinite import ATTN_IMPLEMENTATION, lm_infinite_scores_attention
-from tests.helpers import rotated_inputs, logits, random_ids, tiny_llama
+from tests.helpers import check_reload_and_refusals, rotated_inputs, logits, random_ids, tiny_llama
 
 W = 16  # base window of the tiny model
 
@@ -154,31 +154,10 @@ def test_cached_generation_equals_recomputation(cap):
     torch.testing.assert_close(torch.cat(rows, dim=1), logits(model, x), rtol=1e-4, atol=1e-4)
 
 
-def test_save_and_reload_keep_the_attention(tmp_path):
-    from workflow.modeling import load_model
-
+def test_save_reload_padding_and_unhooked_models(tmp_path):
     model = get_attention("lm_infinite").apply(tiny_model(), W, W, "frozen", n_local=4, n_global=2)
-    x = ids(2 * W)
-    expected = logits(model, x)
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    again = load_model(tmp_path)
-    assert again.config._attn_implementation == ATTN_IMPLEMENTATION
-    assert again.config.ctxext_attention["params"] == {"n_local": 4, "n_global": 2, "distance_cap": W}
-    torch.testing.assert_close(logits(again, x), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_padding_and_unhooked_models_fail_clearly():
-    model = get_attention("lm_infinite").apply(tiny_model(), W, W, "frozen", n_local=4)
-    x = ids(8).repeat(2, 1)
-    mask = torch.ones_like(x)
-    mask[1, :3] = 0
-    with pytest.raises(ValueError, match="unpadded"):
-        model(input_ids=x, attention_mask=mask)
-    model(input_ids=x, attention_mask=torch.ones_like(x))  # an all-ones mask is fine
-    plain = tiny_model()
-    plain.set_attn_implementation(ATTN_IMPLEMENTATION)
-    with pytest.raises(RuntimeError, match="not installed"):
-        plain(input_ids=x)
+    check_reload_and_refusals(model, tiny_model(), ATTN_IMPLEMENTATION,
+                              {"n_local": 4, "n_global": 2, "distance_cap": W}, ids(2 * W), tmp_path)
 
 
 # ---------------------------------------------------------------- parameters

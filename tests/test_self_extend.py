@@ -11,7 +11,7 @@ from transformers import AttentionInterface
 
 from methods import ATTENTIONS, get_attention, get_method
 from methods.self_extend import ATTN_IMPLEMENTATION, effective_length, max_length, self_extend_scores_attention
-from tests.helpers import rotated_inputs, logits, random_ids, tiny_llama
+from tests.helpers import check_reload_and_refusals, rotated_inputs, logits, random_ids, tiny_llama
 
 W0 = 16  # base window of the tiny model
 
@@ -207,30 +207,10 @@ def test_answer_logits_are_the_full_logits_at_those_positions(prefill_chunk):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_save_and_reload_keep_the_attention(tmp_path):
-    from workflow.modeling import load_model
-
+def test_save_reload_padding_and_unhooked_models(tmp_path):
     model = get_attention("self_extend").apply(tiny_model(), W0, W0, "frozen", group_size=2, window=4)
-    x = ids(2 * W0)
-    expected = logits(model, x)
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    again = load_model(tmp_path)
-    assert again.config._attn_implementation == ATTN_IMPLEMENTATION
-    assert again.config.ctxext_attention["params"] == {"group_size": 2, "window": 4, "scale_base": -1}
-    torch.testing.assert_close(logits(again, x), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_padding_and_unhooked_models_fail_clearly():
-    model = get_attention("self_extend").apply(tiny_model(), W0, W0, "frozen", group_size=2, window=4)
-    x = ids(8, rows=2)
-    mask = torch.ones_like(x)
-    mask[1, :3] = 0
-    with pytest.raises(ValueError, match="unpadded"):
-        model(input_ids=x, attention_mask=mask)
-    plain = tiny_model()
-    plain.set_attn_implementation(ATTN_IMPLEMENTATION)
-    with pytest.raises(RuntimeError, match="not installed"):
-        plain(input_ids=x)
+    check_reload_and_refusals(model, tiny_model(), ATTN_IMPLEMENTATION,
+                              {"group_size": 2, "window": 4, "scale_base": -1}, ids(2 * W0), tmp_path)
 
 
 # ---------------------------------------------------------------- parameters and the studies' defaults
