@@ -50,6 +50,24 @@ def logits(model, x):
     return model(input_ids=x).logits
 
 
+def as_complex(x):
+    """Rotate-half layout [.., d] -> complex [.., d/2]: dimension k pairs with k + d/2, rotation by a = * e^{ia}."""
+    half = x.shape[-1] // 2
+    return torch.complex(x[..., :half].double(), x[..., half:].double())
+
+
+def rotated_back(q_rot, k_rot, inv_freq):
+    """Queries [b, h, q_len, d] at positions n - q_len .. n - 1 and keys [b, h_kv, n, d] at 0 .. n - 1, rotated back to
+    position 0 as complex [.., d/2] (keys repeated to the query heads), with theta = inv_freq in float64: the start
+    of the naive references that score each (query, key) pair at a position of their own."""
+    q_len, n = q_rot.shape[2], k_rot.shape[2]
+    theta = inv_freq.double()
+    q0 = as_complex(q_rot) * torch.exp(-1j * torch.arange(n - q_len, n).double()[:, None] * theta)
+    k0 = as_complex(k_rot.repeat_interleave(q_rot.shape[1] // k_rot.shape[1], 1)) * torch.exp(
+        -1j * torch.arange(n).double()[:, None] * theta)
+    return q0, k0, theta
+
+
 def check_reload_and_refusals(model, plain, impl: str, params: dict, x, tmp_path) -> None:
     """The contract of an attention kind that installs its own attention function (LM-Infinite, Self-Extend): a
     saved model reloads with the kind and its parameters and the same logits; a left-padded batch is refused (the

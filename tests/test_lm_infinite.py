@@ -9,7 +9,7 @@ from transformers import AttentionInterface
 
 from methods import ATTENTIONS, get_attention, get_method
 from methods.lm_infinite import ATTN_IMPLEMENTATION, lm_infinite_scores_attention
-from tests.helpers import check_reload_and_refusals, rotated_inputs, logits, random_ids, tiny_llama
+from tests.helpers import check_reload_and_refusals, rotated_back, rotated_inputs, logits, random_ids, tiny_llama
 
 W = 16  # base window of the tiny model
 
@@ -25,22 +25,13 @@ def ids(n, seed=1):
 # ---------------------------------------------------------------- the naive reference
 
 
-def as_complex(x):
-    """Rotate-half layout [.., d] -> complex [.., d/2]: dimension k pairs with k + d/2, rotation by a = * e^{ia}."""
-    half = x.shape[-1] // 2
-    return torch.complex(x[..., :half].double(), x[..., half:].double())
-
-
 def naive_lm_infinite(q_rot, k_rot, v, inv_freq, n_local, n_global, cap, scaling):
     """O(n^2) reference from rotated q [b,h,q_len,d] / k [b,h_kv,n,d] (positions n-q_len.. and 0..): each pair
     (m, j) gets distance m - j if m - j < n_local, min(m - j, cap) if j < n_global, else is masked; the score is
     <R(dist) q, k> with q, k rotated back to position 0; one softmax over the full row."""
     b, h, q_len, d = q_rot.shape
     n = k_rot.shape[2]
-    groups = h // k_rot.shape[1]
-    theta = inv_freq.double()
-    q0 = as_complex(q_rot) * torch.exp(-1j * torch.arange(n - q_len, n).double()[:, None] * theta)
-    k0 = as_complex(k_rot.repeat_interleave(groups, 1)) * torch.exp(-1j * torch.arange(n).double()[:, None] * theta)
+    q0, k0, theta = rotated_back(q_rot, k_rot, inv_freq)
     scores = torch.full((b, h, q_len, n), float("-inf"), dtype=torch.float64)
     for row, m in enumerate(range(n - q_len, n)):
         for j in range(m + 1):
@@ -53,7 +44,7 @@ def naive_lm_infinite(q_rot, k_rot, v, inv_freq, n_local, n_global, cap, scaling
             moved = q0[:, :, row] * torch.exp(1j * dist * theta)
             scores[:, :, row, j] = (moved * k0[:, :, j].conj()).real.sum(-1) * scaling
     probs = torch.softmax(scores, dim=-1)
-    return (probs @ v.repeat_interleave(groups, 1).double()).transpose(1, 2)
+    return (probs @ v.repeat_interleave(h // v.shape[1], 1).double()).transpose(1, 2)
 
 
 @pytest.mark.parametrize("n_local,n_global,cap", [

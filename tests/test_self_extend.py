@@ -11,7 +11,7 @@ from transformers import AttentionInterface
 
 from methods import ATTENTIONS, get_attention, get_method
 from methods.self_extend import ATTN_IMPLEMENTATION, effective_length, max_length, self_extend_scores_attention
-from tests.helpers import check_reload_and_refusals, rotated_inputs, logits, random_ids, tiny_llama
+from tests.helpers import check_reload_and_refusals, rotated_back, rotated_inputs, logits, random_ids, tiny_llama
 
 W0 = 16  # base window of the tiny model
 
@@ -27,11 +27,6 @@ def ids(n, seed=1, rows=1):
 # ---------------------------------------------------------------- the naive reference
 
 
-def as_complex(x):
-    half = x.shape[-1] // 2
-    return torch.complex(x[..., :half].double(), x[..., half:].double())
-
-
 def naive_self_extend(q_rot, k_rot, v, inv_freq, G, W, scaling, scale_base=-1, neighbour=None):
     """O(n^2) reference from rotated q [b,h,q_len,d] (positions n-q_len ..) and k [b,h_kv,n,d] (0 ..): q and k are
     rotated back to position 0, then every pair (m, j) is scored at (m, j) if it is a neighbour (m - j < W by
@@ -39,10 +34,7 @@ def naive_self_extend(q_rot, k_rot, v, inv_freq, G, W, scaling, scale_base=-1, n
     neighbour = neighbour or (lambda dist: dist < W)
     b, h, q_len, d = q_rot.shape
     n = k_rot.shape[2]
-    groups = h // k_rot.shape[1]
-    theta = inv_freq.double()
-    q0 = as_complex(q_rot) * torch.exp(-1j * torch.arange(n - q_len, n).double()[:, None] * theta)
-    k0 = as_complex(k_rot.repeat_interleave(groups, 1)) * torch.exp(-1j * torch.arange(n).double()[:, None] * theta)
+    q0, k0, theta = rotated_back(q_rot, k_rot, inv_freq)
     scores = torch.full((b, h, q_len, n), float("-inf"), dtype=torch.float64)
     for row, m in enumerate(range(n - q_len, n)):
         log_scale = max(1.0, math.log(m + 1) / math.log(scale_base)) if scale_base > 0 else 1.0
@@ -52,7 +44,7 @@ def naive_self_extend(q_rot, k_rot, v, inv_freq, G, W, scaling, scale_base=-1, n
             kj = k0[:, :, j] * torch.exp(1j * pk * theta)
             scores[:, :, row, j] = (qm * kj.conj()).real.sum(-1) * scaling
     probs = torch.softmax(scores, dim=-1)
-    return (probs @ v.repeat_interleave(groups, 1).double()).transpose(1, 2)
+    return (probs @ v.repeat_interleave(h // v.shape[1], 1).double()).transpose(1, 2)
 
 
 @pytest.mark.parametrize("G, W", [(1, 1), (1, 4), (2, 2), (2, 4), (3, 6), (4, 8), (5, 5), (2, 30)])
