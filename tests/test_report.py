@@ -777,3 +777,10 @@ def test_benchmark_rows_written_into_the_study_database_are_shown(tmp_path):
     assert cells[:13] == ["generate", "none-lm_infinite-256-frozen", "lm_infinite", "4k", "43.6", "603.5", "4.0",
                           "0.96", "28", "—", "1.58×", "0.65×", "CPU x2"]
     assert not html_errors(html)
+    # a re-run of the same benchmark replaces the earlier row in the table (the database keeps both)
+    again = {**row, "run_id": "r2", "measured_at": datetime.datetime(2026, 12, 2), "tokens_per_s": 50.1}
+    assert store.write_benchmarks(db, [again]) == 1
+    report.render_report(db, study / "report.html")
+    table = re.search(r"Table 9\..*?</table>", (study / "report.html").read_text(), flags=re.S).group(0)
+    cells = re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", table.split("<tbody>")[1])
+    assert len(cells) == 13 and cells[4] == "50.1"

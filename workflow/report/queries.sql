@@ -120,7 +120,8 @@ FROM runs
 ORDER BY started_at, run_id;
 
 -- name: benchmarks
--- Rows the benchmark tools (workflow/tools/bench_cost, bench_generation) wrote into this study's database.
+-- Rows the benchmark tools (workflow/tools/bench_cost, bench_generation) wrote into this study's database: the latest
+-- measurement of each phase, cell, length and hardware (a re-run benchmark replaces the earlier one; the table keeps both).
 SELECT phase, cell_id, attention, seq_len, tokens_per_s, peak_mem_mb, mfu, throughput_vs_base, memory_vs_base,
        hardware, measured_at,
        json_extract(config, '$.generate_over_forward')::DOUBLE AS generate_over_forward,
@@ -128,4 +129,5 @@ SELECT phase, cell_id, attention, seq_len, tokens_per_s, peak_mem_mb, mfu, throu
        json_extract(config, '$.decode_s_per_token')::DOUBLE AS decode_s_per_token,
        json_extract(config, '$.new_tokens')::INTEGER AS new_tokens
 FROM benchmarks
-ORDER BY measured_at, phase, attention, seq_len, cell_id;
+QUALIFY row_number() OVER (PARTITION BY phase, cell_id, attention, seq_len, hardware ORDER BY measured_at DESC) = 1
+ORDER BY phase, attention, seq_len, cell_id;
