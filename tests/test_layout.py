@@ -128,3 +128,27 @@ def test_command_lines_live_in_stages_or_tools(name, path):
     has_main = any(isinstance(n, ast.If) and "__main__" in ast.unparse(n.test) for n in tree.body)
     if has_main:
         assert name.startswith(ENTRY_PACKAGES), f"{name} has a command line but is not under workflow/stages or tools"
+
+
+# ---------------------------------------------------------------------------------------------- generated artefacts
+GENERATED = ["results/tiny/metrics.duckdb", "results/tiny/cells/pi-exact-512-ft/model/model.safetensors",
+             "scratch/metrics.duckdb", "scratch/metrics.duckdb.wal", "out/model.safetensors", "run/ckpt/trainer.pt",
+             "run/pytorch_model.bin", "weights/model.gguf"]
+
+
+def _git(*args):
+    import subprocess
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+
+
+@pytest.mark.skipif(not (REPO / ".git").exists(), reason="not a git checkout")
+def test_generated_artefacts_are_ignored_and_only_shipped_models_carry_weights():
+    ignored = set(_git("check-ignore", "--no-index", *GENERATED).stdout.split())
+    assert ignored == set(GENERATED), f"not ignored: {sorted(set(GENERATED) - ignored)}"
+    assert not _git("check-ignore", "--no-index", "models/tiny-base/model.safetensors").stdout, \
+        "the shipped base model is part of the repository"
+    tracked = _git("ls-files").stdout.split()
+    weights = [p for p in tracked if p.endswith((".safetensors", ".pt", ".bin", ".gguf", ".duckdb"))]
+    shipped = [p for p in weights if p.startswith("models/") and (REPO / Path(p).parent / "provenance.json").is_file()]
+    assert weights == shipped, f"tracked generated files: {sorted(set(weights) - set(shipped))}"
+    assert not [p for p in tracked if p.startswith("results/")]
