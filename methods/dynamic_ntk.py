@@ -86,6 +86,12 @@ class DynamicNTK(RopeMethod):
         set_rope(config, rope_type=self.rope_type, factor=float(factor * floor / (original_window * alpha_train)),
                  rope_theta=base * alpha_train ** (head_dim / (head_dim - 2)))
 
+    def windows_of_config(self, rope_parameters, max_positions, base_window):
+        """transformers' `dynamic`: max_position_embeddings is the original window, the target is it x factor."""
+        if rope_parameters.get("original_max_position_embeddings") or not rope_parameters.get("factor"):
+            return super().windows_of_config(rope_parameters, max_positions, base_window)
+        return int(max_positions), round(max_positions * float(rope_parameters["factor"]))
+
     def install_hooks(self, model) -> None:
         rotary = rotary_module(model)
         old = getattr(rotary, _HOOK_ATTR, None)

@@ -17,5 +17,11 @@ class PositionInterpolation(RopeMethod):
         set_rope(config, rope_type=self.rope_type, factor=float(target_window / original_window), rope_theta=base)
         config.max_position_embeddings = int(target_window)
 
+    def windows_of_config(self, rope_parameters, max_positions, base_window):
+        """transformers' `linear`: max_position_embeddings is the target window, the original is it / factor."""
+        if rope_parameters.get("original_max_position_embeddings") or not rope_parameters.get("factor"):
+            return super().windows_of_config(rope_parameters, max_positions, base_window)
+        return round(max_positions / float(rope_parameters["factor"])), int(max_positions)
+
 
 METHOD = PositionInterpolation()

@@ -165,6 +165,14 @@ class RopeMethod:
     def _configure(self, config, head_dim, base, original_window, target_window, params) -> None:
         raise NotImplementedError
 
+    def windows_of_config(self, rope_parameters: dict, max_positions: int, base_window: int) -> tuple[int, int]:
+        """(original, target) window that a checkpoint's transformers config states for this method, read back as
+        transformers' convention has it (a checkpoint without ctxext's own record, e.g. a published one):
+        `original_max_position_embeddings` to `max_position_embeddings` where the config has both, else the
+        study's base window to `max_position_embeddings`. Methods whose rope type encodes it otherwise override."""
+        original = rope_parameters.get("original_max_position_embeddings")
+        return (int(original) if original else int(base_window)), int(max_positions)
+
     def install_hooks(self, model) -> None:
         """Re-install runtime hooks the method needs (none by default); must be idempotent."""
 

@@ -140,3 +140,14 @@ def test_the_workflow_evaluates_a_checkpoint_cell_without_fine_tuning_or_model(y
     assert any("cells/pi-exact-128-ft/eval" in line and "--model" in line for line in evaluate)
     finetunes = [line for line in out.splitlines() if "workflow.stages.finetune" in line]
     assert finetunes and not any("yarnish" in line for line in finetunes)
+
+
+def test_each_method_reads_its_windows_back_from_a_transformers_config():
+    from methods import get_method
+    assert get_method("pi").windows_of_config({"rope_type": "linear", "factor": 4.0}, 1024, 64) == (256, 1024)
+    assert get_method("dynamic_ntk").windows_of_config({"rope_type": "dynamic", "factor": 4.0}, 256, 64) == (256, 1024)
+    assert get_method("yarn").windows_of_config({"rope_type": "yarn", "factor": 4.0,
+                                                 "original_max_position_embeddings": 512}, 2048, 64) == (512, 2048)
+    assert get_method("pi").windows_of_config({"rope_type": "linear", "factor": 2.0,
+                                               "original_max_position_embeddings": 300}, 1024, 64) == (300, 1024)
+    assert get_method("ntk").windows_of_config({"rope_type": "default", "rope_theta": 5e5}, 4096, 256) == (256, 4096)

@@ -75,10 +75,8 @@ def rope_of_config(config, base_theta: float, base_window: int, what: str) -> di
 
     A ctxext checkpoint records its method (`config.ctxext`) and attention kind (`config.ctxext_attention`). Otherwise
     the rope type of `rope_parameters` names the method (`RopeMethod.rope_type`); the original rope ('default') is
-    `none` with the study's base `base_theta` and NTK-aware (a changed base) with any other. The windows follow
-    transformers' conventions: `original_max_position_embeddings` to `max_position_embeddings` when the config has
-    both; PI ('linear') max / factor to max; Dynamic NTK ('dynamic') max to max x factor; else the study's base window
-    to max_position_embeddings."""
+    `none` with the study's base `base_theta` and NTK-aware (a changed base) with any other. The windows are the
+    method's reading of transformers' convention (`RopeMethod.windows_of_config`: e.g. PI's max / factor to max)."""
     rope_params = dict(config.rope_parameters or {})
     window = int(config.max_position_embeddings)
     record = getattr(config, "ctxext", None)
@@ -97,15 +95,7 @@ def rope_of_config(config, base_theta: float, base_window: int, what: str) -> di
                                       f"methods (rope types: {', '.join(known)})")
             rope = named[0]
         params = {k: v for k, v in rope_params.items() if k != "rope_type"}
-        factor = rope_params.get("factor")
-        if rope_params.get("original_max_position_embeddings"):
-            original, target = int(rope_params["original_max_position_embeddings"]), window
-        elif rope_type == "linear" and factor:
-            original, target = round(window / float(factor)), window
-        elif rope_type == "dynamic" and factor:
-            original, target = window, round(window * float(factor))
-        else:
-            original, target = int(base_window), window
+        original, target = METHODS[rope].windows_of_config(rope_params, window, base_window)
     attention = getattr(config, "ctxext_attention", None) or {}
     return {"rope": rope, "method_params": params, "attention": attention.get("attention", "exact"),
             "attention_params": dict(attention.get("params") or {}), "base_window": original, "train_len": target}
