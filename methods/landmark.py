@@ -10,8 +10,9 @@
   an earlier block g, s_j - logsumexp_{regular j' in g}(s_j') + s_landmark(g).
 - Inference with memory (`logits`, `answer_logits`, `greedy_generate`): the sequence (landmarks inserted) is
   processed in block-aligned windows of W = T - (T mod B) - (k + 1)·B tokens (T = training context, k = top_k), as
-  the official code chunks it. Each layer keeps the keys (un-rotated, i.e. pre-RoPE) and values of all complete
-  blocks of earlier windows. Positions are the official code's (`llama_mem.py`, `LlamaAttention.forward`: the
+  the official code chunks it. Each layer keeps the keys and values of all complete blocks of earlier windows,
+  the keys block-relative (rotated at 0 .. B - 1 within their block, so that placing a block at slot start P only
+  needs the query rotated back by P: q · R(P + j)·k = (R(-P)·q) · (R(j)·k)). Positions are the official code's (`llama_mem.py`, `LlamaAttention.forward`: the
   `mem_indices`/`mem_pos` statements for scoring, the `selected_indices` ones for placement; l.361-365 and l.386-388
   as the fidelity issue counts them), written relative to the window, which sits at (k + 1)·B + t; the n memory
   blocks end just before it. With k' = min(k, n) and
@@ -156,22 +157,30 @@ def scoring_positions(n_blocks: int, top_k: int, block_size: int, window_offset:
     return prefix + index * block_size + block_size - 1
 
 
-def slot_positions(chosen: torch.Tensor, n_blocks: int, block_size: int, window_offset: int) -> torch.Tensor:
-    """Re-assigned positions [..., k', B] of the chosen memory blocks `chosen` [..., k'] (sorted block indices, k' =
-    min(k, n)): the block in sorted place s at prefix + s·B + j, plus B when it is among the k' most recent blocks;
-    k' + 1 block slots [prefix, window_offset) just before the window."""
+def slot_starts(chosen: torch.Tensor, n_blocks: int, block_size: int, window_offset: int) -> torch.Tensor:
+    """First positions [..., k'] of the slots of the chosen memory blocks `chosen` [..., k'] (sorted block indices,
+    k' = min(k, n)): the block in sorted place s starts at prefix + s·B, plus B when it is among the k' most recent
+    blocks; k' + 1 block slots [prefix, window_offset) just before the window."""
     recent = chosen.shape[-1]
     prefix = window_offset - (recent + 1) * block_size
     slot = torch.arange(recent, device=chosen.device) + (chosen >= n_blocks - recent).long()   # [..., k'] in 0..k'
-    return prefix + slot[..., None] * block_size + torch.arange(block_size, device=chosen.device)
+    return prefix + slot * block_size
+
+
+def slot_positions(chosen: torch.Tensor, n_blocks: int, block_size: int, window_offset: int) -> torch.Tensor:
+    """Re-assigned positions [..., k', B] of the chosen memory blocks (`slot_starts` + j for the block's token j)."""
+    starts = slot_starts(chosen, n_blocks, block_size, window_offset)
+    return starts[..., None] + torch.arange(block_size, device=chosen.device)
 
 
 def select_blocks(query: torch.Tensor, memory_keys: torch.Tensor, top_k: int, inv_freq: torch.Tensor,
                   positions: torch.Tensor) -> torch.Tensor:
     """Top-k memory blocks per query token and head by the landmark score q · R(positions[b])·k_landmark(b), re-sorted
     by original block index; an exact tie goes to the more recent block. query [rows, H, Q, d] (rotated),
-    memory_keys [rows, H, n, B, d] (un-rotated), positions [n] (`scoring_positions`) -> [rows, H, Q, min(k, n)]."""
-    landmarks = rotate(memory_keys[..., -1, :], positions, inv_freq)           # [rows, H, n, d]
+    memory_keys [rows, H, n, B, d] (block-relative: each block's keys rotated at 0 .. B - 1, so its landmark at
+    B - 1), positions [n] (`scoring_positions`) -> [rows, H, Q, min(k, n)]."""
+    block_size = memory_keys.shape[-2]
+    landmarks = rotate(memory_keys[..., -1, :], positions - (block_size - 1), inv_freq)   # [rows, H, n, d]
     scores = query @ landmarks.transpose(-1, -2)                               # [rows, H, Q, n]
     n_blocks = scores.shape[-1]
     # a stable descending sort of the blocks from the most recent back: among equal scores the most recent comes first
@@ -182,8 +191,8 @@ def select_blocks(query: torch.Tensor, memory_keys: torch.Tensor, top_k: int, in
 
 # --- memory -----------------------------------------------------------------------------------------------------
 class LandmarkMemory:
-    """Per-layer memory: the complete blocks of closed windows, keys un-rotated and values
-    [rows, kv_heads, n_blocks, B, d], and the open window's keys (rotated at window_offset + t) and values
+    """Per-layer memory: the complete blocks of closed windows, keys block-relative (each block's keys rotated at
+    positions 0 .. B - 1, as if the block started at 0) and values [rows, kv_heads, n_blocks, B, d], and the open window's keys (rotated at window_offset + t) and values
     [rows, kv_heads, t, d]. `close_window` moves the open window into the memory."""
 
     def __init__(self, block_size: int, top_k: int, inv_freq: torch.Tensor, window: int):
@@ -216,19 +225,29 @@ class LandmarkMemory:
             self.append(layer, self.window_keys.pop(layer), self.window_values.pop(layer))
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store the complete blocks of a window: `keys` rotated at window positions window_offset + t are
-        un-rotated first. A trailing incomplete block is only allowed at the very end of the input (dropped)."""
+        """Store the complete blocks of a window: `keys` rotated at window positions window_offset + t are rotated
+        back by their block's start, window_offset + t - (t mod B), so that they become block-relative. A trailing
+        incomplete block is only allowed at the very end of the input (dropped)."""
         B = self.block_size
         complete = keys.shape[2] // B * B
         if complete == 0:
             return
-        positions = self.window_offset + torch.arange(complete, device=keys.device)
-        keys = rotate(keys[:, :, :complete], -positions, self.inv_freq).unflatten(2, (-1, B))
+        block_starts = self.window_offset + torch.arange(complete, device=keys.device) // B * B
+        keys = rotate(keys[:, :, :complete], -block_starts, self.inv_freq).unflatten(2, (-1, B))
         values = values[:, :, :complete].unflatten(2, (-1, B))
         if layer in self.keys:
             keys = torch.cat((self.keys[layer], keys), dim=2)
             values = torch.cat((self.values[layer], values), dim=2)
         self.keys[layer], self.values[layer] = keys, values
+
+
+def gather_blocks(blocks: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """blocks [rows, H, n, B, d], chosen [rows, H, Q, k'] block indices -> [rows, H, Q, k', B, d]: row r, head h,
+    query q, place s holds blocks[r, h, chosen[r, h, q, s]] (one index_select over the flattened blocks)."""
+    rows, heads, n_blocks = blocks.shape[:3]
+    base = torch.arange(rows * heads, device=chosen.device).view(rows, heads, 1, 1) * n_blocks
+    picked = blocks.reshape(rows * heads * n_blocks, *blocks.shape[3:]).index_select(0, (base + chosen).flatten())
+    return picked.view(*chosen.shape, *blocks.shape[3:])
 
 
 def memory_attention(query, key, value, memory: LandmarkMemory, layer: int, scaling: float) -> torch.Tensor:
@@ -245,12 +264,13 @@ def memory_attention(query, key, value, memory: LandmarkMemory, layer: int, scal
     scoring = scoring_positions(n_blocks, memory.top_k, memory.block_size, memory.window_offset, query.device)
     chosen = select_blocks(query, mem_keys, memory.top_k, memory.inv_freq, scoring)   # [rows, H, Q, k']
     memory.last_selection[layer] = chosen
-    rows = torch.arange(query.shape[0], device=query.device)[:, None, None, None]
-    heads = torch.arange(query.shape[1], device=query.device)[None, :, None, None]
-    positions = slot_positions(chosen, n_blocks, memory.block_size, memory.window_offset)   # [rows, H, Q, k', B]
-    picked_keys = rotate(mem_keys[rows, heads, chosen], positions, memory.inv_freq)      # [rows, H, Q, k', B, d]
-    picked_values = mem_values[rows, heads, chosen]
-    memory_logits = earlier_block_logits(torch.einsum("rhqd,rhqsbd->rhqsb", query, picked_keys) * scaling)
+    # q · R(start + j)·k_j = (R(-start)·q) · (R(j)·k_j): the block-relative keys need no rotation, only the query,
+    # once per chosen block, by its slot's start
+    starts = slot_starts(chosen, n_blocks, memory.block_size, memory.window_offset)          # [rows, H, Q, k']
+    slot_queries = rotate(query[..., None, :].expand(*chosen.shape, -1), -starts, memory.inv_freq)
+    picked_keys = gather_blocks(mem_keys, chosen)                                          # [rows, H, Q, k', B, d]
+    picked_values = gather_blocks(mem_values, chosen)
+    memory_logits = earlier_block_logits(torch.einsum("rhqsd,rhqsbd->rhqsb", slot_queries, picked_keys) * scaling)
     weights = torch.softmax(torch.cat((memory_logits.flatten(-2), window_logits), dim=-1), dim=-1)
     n_memory = memory_logits.shape[-2] * memory_logits.shape[-1]
     memory_weights = weights[..., :n_memory].unflatten(-1, memory_logits.shape[-2:])

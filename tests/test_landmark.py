@@ -137,7 +137,8 @@ def test_memory_attention_equals_full_grouped_attention_when_k_covers_every_bloc
     # full single-pass grouped attention over [memory blocks at their true places, window]
     mem_len = n_blocks * block
     first = memory.window_offset - mem_len
-    mem_keys = rotate(memory.keys[0].flatten(2, 3), first + torch.arange(mem_len), inv_freq)
+    block_starts = first + block * torch.arange(n_blocks)[:, None]            # the memory's keys are block-relative
+    mem_keys = rotate(memory.keys[0], block_starts, inv_freq).flatten(2, 3)
     keys = torch.cat((mem_keys, k), dim=2)
     values = torch.cat((memory.values[0].flatten(2, 3), v), dim=2)
     queries = torch.cat((torch.zeros(rows, heads, mem_len, dim), q), dim=2)
@@ -159,7 +160,7 @@ def test_retrieval_attends_the_block_whose_landmark_scores_highest():
     # a planted block per head: its landmark key aligns with the head's first query at its scoring position
     target = [4, 1]
     for h, g in enumerate(target):
-        direction = rotate(q[0, h, :1], -positions[g:g + 1], inv_freq)[0]
+        direction = rotate(q[0, h, :1], -(positions[g:g + 1] - (block - 1)), inv_freq)[0]   # block-relative key
         memory.keys[0][0, h, g, -1] = 50 * direction / direction.norm()
     chosen = select_blocks(q, memory.keys[0], 1, inv_freq, positions)
     assert chosen.shape == (rows, heads, q_len, 1)
@@ -168,7 +169,8 @@ def test_retrieval_attends_the_block_whose_landmark_scores_highest():
     # per token and head: the block whose landmark (at its scoring position) scores highest
     for h in range(heads):
         for t in range(q_len):
-            scores = [float(q[0, h, t] @ rotate(memory.keys[0][0, h, g, -1:], positions[g:g + 1], inv_freq)[0])
+            scores = [float(q[0, h, t] @ rotate(memory.keys[0][0, h, g, -1:], positions[g:g + 1] - (block - 1),
+                                                inv_freq)[0])
                       for g in range(n_blocks)]
             assert chosen[0, h, t, 0] == max(range(n_blocks), key=scores.__getitem__)
     # with values one-hot per block, the output shows which memory block was attended: the chosen one only
