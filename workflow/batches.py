@@ -94,16 +94,38 @@ def pretrain_batches(tokens: np.ndarray, phases: list[Phase], seed: int) -> Call
     return batch
 
 
+SYNTHETIC_LENGTHS = ("train_len", "base_window")   # the values of finetune.synthetic.length
+_PLACEMENT_STREAM = 104729   # separates the placement of embedded synthetic rows from the other seeded streams
+
+
+def embed_row(made: tuple[np.ndarray, np.ndarray], corpus: np.ndarray, rng: np.random.Generator):
+    """A synthetic row (ids, supervised mask) shorter than the corpus row, written over the corpus tokens at an
+    offset drawn by `rng`: (ids, mask) of the corpus row's length, the mask zero outside the synthetic tokens."""
+    ids, mask = made
+    if len(ids) > len(corpus):
+        raise ValueError(f"a synthetic row of {len(ids)} tokens does not fit a row of {len(corpus)}")
+    offset = int(rng.integers(0, len(corpus) - len(ids) + 1))
+    out_ids, out_mask = np.array(corpus, dtype=np.int64), np.zeros(len(corpus), dtype=np.int8)
+    out_ids[offset:offset + len(ids)], out_mask[offset:offset + len(ids)] = ids, mask
+    return out_ids, out_mask
+
+
 def finetune_batches(tokens: np.ndarray, seq_len: int, tokens_per_step: int,
-                     rows: RowMaker | None = None, start_step: int = 0) -> Callable[[int], Batch]:
+                     rows: RowMaker | None = None, start_step: int = 0, synthetic_len: int | None = None,
+                     seed: int = 0) -> Callable[[int], Batch]:
     """Consecutive rows of `seq_len` tokens read in order from the training stream, `tokens_per_step // seq_len` rows
     a step: cells of every training length read the same tokens in the same order (two 512-token rows hold the
     tokens of one 1024-token row). `start_step` starts the reading that many steps' tokens into the stream (wrapping
-    at its end; the offset is in whole steps, so every training length starts at the same token)."""
+    at its end; the offset is in whole steps, so every training length starts at the same token). Synthetic rows
+    (`rows`) are built at `synthetic_len` tokens (None: `seq_len`); a shorter one is written over the row's corpus
+    tokens at an offset seeded by (`seed`, row), so that its retrieval gaps never exceed `synthetic_len`."""
     rows = rows or RowMaker()
     if tokens_per_step % seq_len:
         raise ValueError(f"finetune.tokens_per_step={tokens_per_step} must be a multiple of the training "
                          f"length {seq_len}")
+    synthetic_len = seq_len if synthetic_len is None else int(synthetic_len)
+    if not 0 < synthetic_len <= seq_len:
+        raise ValueError(f"synthetic rows of {synthetic_len} tokens do not fit rows of {seq_len}")
     per_step = tokens_per_step // seq_len
     n_rows = len(tokens) // seq_len
     if n_rows == 0:
@@ -113,10 +135,13 @@ def finetune_batches(tokens: np.ndarray, seq_len: int, tokens_per_step: int,
     def batch(step: int) -> Batch:
         out = []
         for i in range(step * per_step, (step + 1) * per_step):
-            made = rows.synthetic_row(i, seq_len)
+            start = ((first + i) % n_rows) * seq_len
+            corpus = tokens[start:start + seq_len]
+            made = rows.synthetic_row(i, synthetic_len)
             if made is None:
-                start = ((first + i) % n_rows) * seq_len
-                made = (tokens[start:start + seq_len], None)
+                made = (corpus, None)
+            elif synthetic_len < seq_len:
+                made = embed_row(made, corpus, np.random.default_rng([seed, _PLACEMENT_STREAM, i]))
             out.append(made)
         return rows.assemble(out)
 

@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 from methods import ATTENTIONS, METHODS, get_attention, get_method
+from workflow.batches import SYNTHETIC_LENGTHS
 from workflow.checkpoints import CELL_REGIMES, CHECKPOINT, CHECKPOINT_REGIMES, CheckpointError
 from workflow.checkpoints import describe as describe_checkpoint
 from workflow.common import RESULT_SCHEMA_VERSION, config_hash
@@ -37,7 +38,7 @@ REGISTRIES = {
     "tasks": TASKS, "model_sources": MODEL_SOURCES,
     "schedules": SCHEDULES, "dtypes": DTYPES, "attn_implementations": ATTN_IMPLEMENTATIONS,
     "ruler_families": FAMILIES, "ruler_qa_families": [name for name, f in FAMILIES.items() if f.kind == "qa"],
-    "data_sources": SOURCES,
+    "data_sources": SOURCES, "synthetic_lengths": SYNTHETIC_LENGTHS,
 }
 
 
