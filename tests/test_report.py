@@ -784,3 +784,15 @@ def test_benchmark_rows_written_into_the_study_database_are_shown(tmp_path):
     table = re.search(r"Table 9\..*?</table>", (study / "report.html").read_text(), flags=re.S).group(0)
     cells = re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", table.split("<tbody>")[1])
     assert len(cells) == 13 and cells[4] == "50.1"
+
+
+def test_training_data_says_which_fine_tuning_recipe_was_used():
+    from workflow.report.cells import describe_training_data
+
+    def finetune(**synthetic):
+        return describe_training_data({"finetune": {"synthetic": synthetic}}, None)["finetune"]
+
+    assert finetune(kv=0.0, copy=0.0, length="train_len") == "text only, as the reference study fine-tunes"
+    assert finetune(kv=0.3, copy=0.2, length="train_len") == "30% key/value rows and 20% copy rows at the training length"
+    replay = finetune(kv=0.3, copy=0.2, length="base_window")
+    assert replay.startswith("30% key/value rows and 20% copy rows of the base window") and "replayed" in replay

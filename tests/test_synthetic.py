@@ -166,6 +166,38 @@ def test_finetune_batches_with_synthetic_rows(tok_and_code):
     assert batch["input_ids"].shape == (8, 128) and batch["loss_weights"].sum().item() == pytest.approx(1.0)
 
 
+def test_base_window_synthetic_rows_are_written_into_training_length_rows(tok_and_code):
+    """finetune.synthetic.length=base_window: each synthetic row is built at the short length and written over the
+    corpus tokens of a longer row, so every supervised token (and the key it answers) lies within one short span;
+    the rest of the row is the corpus, unscored; the placement is a function of (seed, row) and varies."""
+    _, code = tok_and_code
+    rows = RowMaker(rows_of(tok_and_code, synthetic.Mix(kv=0.6, copy=0.4)), answer_only=True, weight=0.5)
+    plain = finetune_batches(code, 512, 4096)(0)["input_ids"]
+    make = lambda seed: finetune_batches(code, 512, 4096, rows, synthetic_len=128, seed=seed)(0)   # noqa: E731
+    batch, again, other = make(1), make(1), make(2)
+    assert torch.equal(batch["input_ids"], again["input_ids"])
+    assert batch["input_ids"].shape == (8, 512)
+    offsets = []
+    for r in range(8):
+        changed = torch.nonzero(batch["input_ids"][r] != plain[r]).flatten()
+        scored = torch.nonzero(batch["labels"][r] != -100).flatten()
+        if rows.synthetic_row(r, 128) is None:                # a row that no synthetic row fits stays the corpus
+            assert not len(changed) and len(scored) == 512
+            continue
+        assert len(changed) and len(scored)
+        assert int(changed.max() - changed.min()) < 128       # one span of the short length
+        assert int(scored.min()) >= int(changed.min()) - 1 and int(scored.max()) <= int(changed.max()) + 1
+        offsets.append(int(changed.min()))
+        # the synthetic tokens are the short row itself
+        short = rows.synthetic_row(r, 128)[0]
+        start = next(o for o in range(512 - 127) if np.array_equal(batch["input_ids"][r, o:o + 128].numpy(), short))
+        assert torch.equal(batch["input_ids"][r, :start], plain[r, :start])
+    assert len(offsets) >= 4 and len(set(offsets)) > 1        # most rows synthetic, not at one fixed place
+    assert not torch.equal(other["input_ids"], batch["input_ids"])   # another seed places them elsewhere
+    with pytest.raises(ValueError, match="do not fit"):
+        finetune_batches(code, 128, 1024, rows, synthetic_len=256)
+
+
 def test_training_rows_hold_no_test_split_text(stage):
     """The base stage's rows (as pretrain_phases builds them from the data directory) hold no 16-token window of
     the test split that the train split does not also hold (code repeats idioms across files), and no evaluation
