@@ -17,6 +17,9 @@ rule finetune:
     conda:
         "../../envs/ctxext.yaml"
     threads: CFG["finetune"]["threads"]
+    # fine-tuning jobs go before the evaluations that are ready at the start (the frozen cells'), so that no cell's
+    # fine-tuning and evaluation are left to run one after the other at the end on an otherwise idle machine
+    priority: 10
     shell:
         WRITE_CONFIG + " && " + LAUNCH_FINETUNE + " -m workflow.stages.finetune --config {params.cfg_file} --data-dir {R}/data "
         "--base {input.base} --out {R}/cells/{wildcards.finetuned_cell} --threads {threads} " + TEE
