@@ -12,9 +12,9 @@
   processed in block-aligned windows of W = T - (T mod B) - (k + 1)·B tokens (T = training context, k = top_k), as
   the official code chunks it. Each layer keeps the keys and values of all complete blocks of earlier windows,
   the keys block-relative (rotated at 0 .. B - 1 within their block, so that placing a block at slot start P only
-  needs the query rotated back by P: q · R(P + j)·k = (R(-P)·q) · (R(j)·k)). Positions are the official code's (`llama_mem.py`, `LlamaAttention.forward`: the
-  `mem_indices`/`mem_pos` statements for scoring, the `selected_indices` ones for placement; l.361-365 and l.386-388
-  as the fidelity issue counts them), written relative to the window, which sits at (k + 1)·B + t; the n memory
+  needs the query rotated back by P: q · R(P + j)·k = (R(-P)·q) · (R(j)·k)). Positions are the official code's
+  (`llama_mem.py`, `LlamaAttention.forward`: the `mem_indices`/`mem_pos` statements for scoring, the
+  `selected_indices` ones for placement; l.361-365 and l.386-388 as the fidelity issue counts them), written relative to the window, which sits at (k + 1)·B + t; the n memory
   blocks end just before it. With k' = min(k, n) and
   prefix = (k + 1)·B - (k' + 1)·B (0 once n >= k):
   * scoring (`scoring_positions`): every query token and head scores every memory block by q · R(p)·k_landmark,
@@ -192,8 +192,9 @@ def select_blocks(query: torch.Tensor, memory_keys: torch.Tensor, top_k: int, in
 # --- memory -----------------------------------------------------------------------------------------------------
 class LandmarkMemory:
     """Per-layer memory: the complete blocks of closed windows, keys block-relative (each block's keys rotated at
-    positions 0 .. B - 1, as if the block started at 0) and values [rows, kv_heads, n_blocks, B, d], and the open window's keys (rotated at window_offset + t) and values
-    [rows, kv_heads, t, d]. `close_window` moves the open window into the memory."""
+    positions 0 .. B - 1, as if the block started at 0) and values [rows, kv_heads, n_blocks, B, d], and the open
+    window's keys (rotated at window_offset + t) and values [rows, kv_heads, t, d]. `close_window` moves the open
+    window into the memory."""
 
     def __init__(self, block_size: int, top_k: int, inv_freq: torch.Tensor, window: int):
         self.block_size, self.top_k, self.inv_freq, self.window = block_size, top_k, inv_freq, window

@@ -793,6 +793,7 @@ def test_training_data_says_which_fine_tuning_recipe_was_used():
         return describe_training_data({"finetune": {"synthetic": synthetic}}, None)["finetune"]
 
     assert finetune(kv=0.0, copy=0.0, length="train_len") == "text only, as the reference study fine-tunes"
-    assert finetune(kv=0.3, copy=0.2, length="train_len") == "30% key/value rows and 20% copy rows at the training length"
+    assert (finetune(kv=0.3, copy=0.2, length="train_len")
+            == "30% key/value rows and 20% copy rows at the training length")
     replay = finetune(kv=0.3, copy=0.2, length="base_window")
     assert replay.startswith("30% key/value rows and 20% copy rows of the base window") and "replayed" in replay

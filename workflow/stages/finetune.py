@@ -48,7 +48,8 @@ def finetune_cell(cfg: dict, data_dir: Path, base_dir: Path, out: Path) -> dict:
     # finetune.synthetic.length: synthetic rows of the training length, or of the base window written into the
     # training-length rows (the pretraining mix replayed: retrieval gaps stay within the base window)
     synthetic_len = model_cfg["base_window"] if ft["synthetic"]["length"] == "base_window" else None
-    batches = finetune_batches(tokens, cfg["train_len"], ft["tokens_per_step"], rows, start, synthetic_len, ft["seed"])
+    batches = finetune_batches(tokens, cfg["train_len"], ft["tokens_per_step"], rows, start, synthetic_len,
+                               ft["seed"])
     attention = attention_of(model)  # e.g. Landmark inserts its tokens (in the loss or not: landmark_in_loss)
     summary = train(model, batches, {**ft, "dtype": model_cfg.get("dtype", "float32")}, out, label=f"finetune {cfg['cell_id']}",
                     inputs_fn=lambda batch: attention.training_inputs(model, batch))
