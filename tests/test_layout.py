@@ -133,7 +133,7 @@ def test_command_lines_live_in_stages_or_tools(name, path):
 # ---------------------------------------------------------------------------------------------- generated artefacts
 GENERATED = ["results/tiny/metrics.duckdb", "results/tiny/cells/pi-exact-512-ft/model/model.safetensors",
              "scratch/metrics.duckdb", "scratch/metrics.duckdb.wal", "out/model.safetensors", "run/ckpt/trainer.pt",
-             "run/pytorch_model.bin", "weights/model.gguf"]
+             "run/pytorch_model.bin", "weights/model.gguf", "reports/screenshots/tiny-1-summary.png"]
 
 
 def _git(*args):
@@ -151,4 +151,4 @@ def test_generated_artefacts_are_ignored_and_only_shipped_models_carry_weights()
     weights = [p for p in tracked if p.endswith((".safetensors", ".pt", ".bin", ".gguf", ".duckdb"))]
     shipped = [p for p in weights if p.startswith("models/") and (REPO / Path(p).parent / "provenance.json").is_file()]
     assert weights == shipped, f"tracked generated files: {sorted(set(weights) - set(shipped))}"
-    assert not [p for p in tracked if p.startswith("results/")]
+    assert not [p for p in tracked if p.startswith(("results/", "reports/screenshots/"))]
