@@ -14,8 +14,8 @@
   the keys block-relative (rotated at 0 .. B - 1 within their block, so that placing a block at slot start P only
   needs the query rotated back by P: q · R(P + j)·k = (R(-P)·q) · (R(j)·k)). Positions are the official code's
   (`llama_mem.py`, `LlamaAttention.forward`: the `mem_indices`/`mem_pos` statements for scoring, the
-  `selected_indices` ones for placement; l.361-365 and l.386-388 as the fidelity issue counts them), written relative to the window, which sits at (k + 1)·B + t; the n memory
-  blocks end just before it. With k' = min(k, n) and
+  `selected_indices` ones for placement; l.361-365 and l.386-388 as the fidelity issue counts them), written
+  relative to the window, which sits at (k + 1)·B + t; the n memory blocks end just before it. With k' = min(k, n) and
   prefix = (k + 1)·B - (k' + 1)·B (0 once n >= k):
   * scoring (`scoring_positions`): every query token and head scores every memory block by q · R(p)·k_landmark,
     the k' most recent landmarks at their true positions and every older one at the single position
@@ -24,7 +24,7 @@
     e.g. between the older blocks of layer 0, whose landmark keys are all equal, goes to the more recent block; the
     official code leaves ties to torch.topk; keys computed in forwards of different lengths can differ in the last
     bit, and then rounding, not the rule, orders such blocks);
-  * placement (`slot_positions`): the chosen block in sorted place s sits at prefix + s·B + j, one block further
+  * placement (`slot_starts`): the chosen block in sorted place s sits at prefix + s·B + j, one block further
     right (+ B) when it is among the k' most recent: k' + 1 block slots before the window.
   Every relative distance is therefore at most (k + 1)·B + W - 1 = T - (T mod B) - 1 <= T - 1. When the memory holds
   at most k blocks, every block is retrieved at its true relative distance, so the result equals one single pass
@@ -165,12 +165,6 @@ def slot_starts(chosen: torch.Tensor, n_blocks: int, block_size: int, window_off
     prefix = window_offset - (recent + 1) * block_size
     slot = torch.arange(recent, device=chosen.device) + (chosen >= n_blocks - recent).long()   # [..., k'] in 0..k'
     return prefix + slot * block_size
-
-
-def slot_positions(chosen: torch.Tensor, n_blocks: int, block_size: int, window_offset: int) -> torch.Tensor:
-    """Re-assigned positions [..., k', B] of the chosen memory blocks (`slot_starts` + j for the block's token j)."""
-    starts = slot_starts(chosen, n_blocks, block_size, window_offset)
-    return starts[..., None] + torch.arange(block_size, device=chosen.device)
 
 
 def select_blocks(query: torch.Tensor, memory_keys: torch.Tensor, top_k: int, inv_freq: torch.Tensor,

@@ -11,8 +11,13 @@ import torch
 
 from methods import attention_of, get_method, restore
 from methods.landmark import (LandmarkMemory, grouped_logits, grouped_weights, insert_landmarks, memory_attention,
-                              rotate, scoring_positions, select_blocks, slot_positions, window_length)
+                              rotate, scoring_positions, select_blocks, slot_starts, window_length)
 from tests.helpers import tiny_llama
+
+
+def slot_positions(chosen, n_blocks, block, window_offset):
+    """The positions [..., k', B] of the chosen blocks' tokens: token j of a block at its slot's start + j."""
+    return slot_starts(chosen, n_blocks, block, window_offset)[..., None] + torch.arange(block)
 
 
 # --- a naive reference, written independently of the implementation -------------------------------------------

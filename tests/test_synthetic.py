@@ -10,7 +10,7 @@ import torch
 
 from tests.helpers import stdlib_tokenizer
 from workflow import corpus, synthetic
-from workflow.batches import Phase, RowMaker, finetune_batches, pretrain_batches
+from workflow.batches import Phase, RowMaker, finetune_batches, pretrain_batches, synthetic_row_length
 from workflow.retrieval import EVALUATION_KEY_SHARE, is_evaluation_key, needle_example, passkey_example
 
 
@@ -196,6 +196,10 @@ def test_base_window_synthetic_rows_are_written_into_training_length_rows(tok_an
     assert not torch.equal(other["input_ids"], batch["input_ids"])   # another seed places them elsewhere
     with pytest.raises(ValueError, match="do not fit"):
         finetune_batches(code, 128, 1024, rows, synthetic_len=256)
+    # finetune.synthetic.length names the row length
+    assert synthetic_row_length("base_window", 256) == 256 and synthetic_row_length("train_len", 256) is None
+    with pytest.raises(ValueError, match="finetune.synthetic.length"):
+        synthetic_row_length("base", 256)
 
 
 def test_training_rows_hold_no_test_split_text(stage):

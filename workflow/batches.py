@@ -95,6 +95,14 @@ def pretrain_batches(tokens: np.ndarray, phases: list[Phase], seed: int) -> Call
 
 
 SYNTHETIC_LENGTHS = ("train_len", "base_window")   # the values of finetune.synthetic.length
+
+
+def synthetic_row_length(length: str, base_window: int) -> int | None:
+    """Tokens of a fine-tuning synthetic row for finetune.synthetic.length (`finetune_batches`' synthetic_len):
+    None (the training length) for train_len, the base window for base_window."""
+    if length not in SYNTHETIC_LENGTHS:
+        raise ValueError(f"finetune.synthetic.length must be one of {', '.join(SYNTHETIC_LENGTHS)}, got {length!r}")
+    return int(base_window) if length == "base_window" else None
 _PLACEMENT_STREAM = 104729   # separates the placement of embedded synthetic rows from the other seeded streams
 
 
@@ -102,8 +110,6 @@ def embed_row(made: tuple[np.ndarray, np.ndarray], corpus: np.ndarray, rng: np.r
     """A synthetic row (ids, supervised mask) shorter than the corpus row, written over the corpus tokens at an
     offset drawn by `rng`: (ids, mask) of the corpus row's length, the mask zero outside the synthetic tokens."""
     ids, mask = made
-    if len(ids) > len(corpus):
-        raise ValueError(f"a synthetic row of {len(ids)} tokens does not fit a row of {len(corpus)}")
     offset = int(rng.integers(0, len(corpus) - len(ids) + 1))
     out_ids, out_mask = np.array(corpus, dtype=np.int64), np.zeros(len(corpus), dtype=np.int8)
     out_ids[offset:offset + len(ids)], out_mask[offset:offset + len(ids)] = ids, mask

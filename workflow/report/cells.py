@@ -103,9 +103,8 @@ def describe_training_data(config: dict | None, model: dict | None) -> dict:
     else:
         pretrain = "not pretrained here (an imported checkpoint)"
     ft = (config.get("finetune") or {}).get("synthetic") or {}
-    where = ({"base_window": " of the base window written into the training-length rows (the pretraining mix "
-                             "replayed: no retrieval gap beyond the base window)"}
-             .get(ft.get("length"), " at the training length"))
+    where = (" of the base window written into the training-length rows (the pretraining mix replayed: no retrieval "
+             "gap beyond the base window)" if ft.get("length") == "base_window" else " at the training length")
     finetune = ("text only, as the reference study fine-tunes" if not ft.get("kv") and not ft.get("copy")
                 else _shares(ft.get("kv", 0.0), ft.get("copy", 0.0)) + where)
     return {"pretrain": pretrain, "finetune": finetune}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from methods import attention_of
-from workflow.batches import finetune_batches, seed_start_step
+from workflow.batches import finetune_batches, seed_start_step, synthetic_row_length
 from workflow import distributed, rope_search
 from workflow.common import log, run_cell_stage, stage_parser, read_json, set_threads, write_json
 from workflow.modeling import apply_cell_method, load_model, save_model_dir
@@ -47,7 +47,7 @@ def finetune_cell(cfg: dict, data_dir: Path, base_dir: Path, out: Path) -> dict:
             f"{start} of the stream")
     # finetune.synthetic.length: synthetic rows of the training length, or of the base window written into the
     # training-length rows (the pretraining mix replayed: retrieval gaps stay within the base window)
-    synthetic_len = model_cfg["base_window"] if ft["synthetic"]["length"] == "base_window" else None
+    synthetic_len = synthetic_row_length(ft["synthetic"]["length"], model_cfg["base_window"])
     batches = finetune_batches(tokens, cfg["train_len"], ft["tokens_per_step"], rows, start, synthetic_len,
                                ft["seed"])
     attention = attention_of(model)  # e.g. Landmark inserts its tokens (in the loss or not: landmark_in_loss)
