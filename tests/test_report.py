@@ -737,7 +737,8 @@ def test_failed_cell_shows_its_reason(tmp_path):
 
 def test_graded_retrieval_and_effective_lengths(rendered, tmp_path):
     """Per-token accuracy and the answer's log-probability get their own tables; each cell's effective length is
-    the longest length up to which its accuracy stays at or above the base cell's accuracy at the base window."""
+    the longest length up to which its accuracy stays at or above the threshold: the lower end of the 95% Wilson
+    interval of the base cell's accuracy at the base window (the accuracy itself when its n is unknown)."""
     html, _ = rendered
     assert "per-answer-token accuracy (%)" in html and "mean log-probability of the answer" in html
     from workflow.report.sections import effective_lengths
@@ -751,7 +752,19 @@ def test_graded_retrieval_and_effective_lengths(rendered, tmp_path):
     assert eff["cells"]["base"]["length"] == 256 and eff["cells"]["a"]["length"] == 256
     assert eff["cells"]["b"]["length"] is None and eff["cells"]["b"]["text"] == "—"   # below at the shortest
     assert eff["cells"]["c"]["length"] == 1024 and eff["cells"]["c"]["text"] == "≥ 1k"
+
+    # with the base's prompt count: 50 of 50 correct gives the Wilson lower bound z² / (n + z²) = 0.9286
+    z2 = 1.959963984540054 ** 2
+    rows = [{"cell_id": cid, "eval_len": n, "value": v, "n": 50} for cid, vals in
+            (("base", [1.0, 1.0, 0.0]), ("a", [0.98, 0.94, 0.92]), ("b", [1.0, 0.90, 1.0]))
+            for n, v in zip((256, 512, 1024), vals)]
+    eff = effective_lengths(cells, rows, "base", 256)
+    assert eff["threshold"] == pytest.approx(50 / (50 + z2), abs=1e-9)
+    assert (eff["base_accuracy"], eff["base_n"]) == (1.0, 50)
+    assert eff["cells"]["a"]["length"] == 512       # 0.98 and 0.94 are within the noise of 50/50, 0.92 is not
+    assert eff["cells"]["b"]["length"] == 256       # 0.90 at 512 ends it, whatever comes after
     assert "Effective needle length per cell" in html and "Effective passkey length per cell" in html
+    assert "lower end of its 95% Wilson interval" in html
 
 
 def test_benchmark_rows_written_into_the_study_database_are_shown(tmp_path):

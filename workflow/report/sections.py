@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+from workflow import stats
 from workflow.report.cells import paper_link
 from workflow.report.charts import Series, heatmap, line_chart
 from workflow.report.claims import Evidence
@@ -90,13 +91,18 @@ def perplexity_section(db: Db, cells: list[dict], base_window, ppl_clip: float, 
 
 
 def effective_lengths(cells: list[dict], by_len: list[dict], base_cell: str | None, base_window) -> dict:
-    """RULER's effective length: the threshold is the base model's accuracy inside its own window (the base cell
-    at model.base_window, averaged over depths); a cell's effective length is the longest evaluated length up to
-    which its accuracy stays at or above it at every evaluated length (None: already below at the shortest)."""
+    """RULER's effective length, with the base model's accuracy inside its own window (the base cell at
+    model.base_window, over all depths) as the reference: the threshold is the lower end of that accuracy's 95%
+    Wilson interval over its n prompts (the accuracy itself when n is unknown), so that one miss in 50 prompts is not
+    read as a loss of the window. A cell's effective length is the longest evaluated length up to which its
+    accuracy stays at or above the threshold at every evaluated length (None: already below at the shortest)."""
     values = {(r["cell_id"], r["eval_len"]): r["value"] for r in by_len if r["value"] is not None}
-    threshold = values.get((base_cell, base_window))
-    if threshold is None or threshold <= 0:
-        return {"threshold": threshold, "cells": {}}
+    base = next((r for r in by_len if (r["cell_id"], r["eval_len"]) == (base_cell, base_window)), None)
+    accuracy = None if base is None else base["value"]
+    if accuracy is None or accuracy <= 0:
+        return {"threshold": accuracy, "base_accuracy": accuracy, "base_n": None, "cells": {}}
+    n = base.get("n")
+    threshold = stats.wilson(round(accuracy * n), n)[0] if n else accuracy
     out = {}
     for c in cells:
         lengths = sorted(length for (cid, length) in values if cid == c["cell_id"])
@@ -109,7 +115,7 @@ def effective_lengths(cells: list[dict], by_len: list[dict], base_cell: str | No
             out[c["cell_id"]] = {"length": reached, "all": reached == lengths[-1],
                                  "text": "—" if reached is None else (f"≥ {fmt_len(reached)}" if reached == lengths[-1]
                                                                       else fmt_len(reached))}
-    return {"threshold": threshold, "cells": out}
+    return {"threshold": threshold, "base_accuracy": accuracy, "base_n": n, "cells": out}
 
 
 def retrieval_section(db: Db, cells: list[dict], base_cell: str | None = None, base_window=None,
