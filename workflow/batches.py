@@ -103,6 +103,8 @@ def synthetic_row_length(length: str, base_window: int) -> int | None:
     if length not in SYNTHETIC_LENGTHS:
         raise ValueError(f"finetune.synthetic.length must be one of {', '.join(SYNTHETIC_LENGTHS)}, got {length!r}")
     return int(base_window) if length == "base_window" else None
+
+
 _PLACEMENT_STREAM = 104729   # separates the placement of embedded synthetic rows from the other seeded streams
 
 
