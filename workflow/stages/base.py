@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from workflow.batches import Phase, pretrain_batches
-from workflow.common import stage_parser, log, read_json, set_threads, write_json
+from workflow.common import configure_cpu, log, read_json, stage_parser, write_json
 from workflow.modeling import (build_scratch_model, check_imported, describe, import_model, save_model_dir,
                                PROVENANCE_FILE, shipped_dir)
 from workflow.runtime import device
@@ -70,7 +70,7 @@ def build_base(cfg: dict, data_dir: Path, out: Path) -> dict:
 def main(argv=None) -> None:
     parser = stage_parser(__doc__, "the base stage's directory")
     args = parser.parse_args(argv)
-    set_threads(args.threads)
+    configure_cpu(args.threads)
     build_base(read_json(args.config), args.data_dir, args.out)
 
 

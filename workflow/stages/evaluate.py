@@ -15,7 +15,7 @@ import torch
 
 from workflow import checkpoints
 from workflow.checkpoints import CHECKPOINT
-from workflow.common import (RESULT_SCHEMA_VERSION, log, peak_memory_mb, read_json, run_cell_stage, set_threads,
+from workflow.common import (RESULT_SCHEMA_VERSION, configure_cpu, log, peak_memory_mb, read_json, run_cell_stage,
                              stage_parser, write_json)
 from workflow.modeling import cell_model
 from workflow.resources import ensure_eval_fits
@@ -54,7 +54,7 @@ def main(argv=None) -> None:
     parser.add_argument("--model", type=Path, help="fine-tuned cell model, or the base model (not for a checkpoint "
                                                    "cell: its config names the checkpoint)")
     args = parser.parse_args(argv)
-    set_threads(args.threads)
+    configure_cpu(args.threads)
     cfg = read_json(args.config)
     if args.model is None and cfg["regime"] != CHECKPOINT:
         parser.error(f"--model is required for a cell of regime {cfg['regime']!r}")

@@ -19,7 +19,7 @@ import torch
 from methods import attention_of
 from workflow.batches import finetune_batches, seed_start_step, synthetic_row_length
 from workflow import distributed, rope_search
-from workflow.common import log, run_cell_stage, stage_parser, read_json, set_threads, write_json
+from workflow.common import configure_cpu, log, read_json, run_cell_stage, stage_parser, write_json
 from workflow.modeling import apply_cell_method, load_model, save_model_dir
 from workflow.synthetic import row_maker
 from workflow.train import remove_checkpoint, train
@@ -77,7 +77,7 @@ def main(argv=None) -> None:
     parser = stage_parser(__doc__, "the cell's directory")
     parser.add_argument("--base", required=True, type=Path, help="the base model directory")
     args = parser.parse_args(argv)
-    set_threads(args.threads)
+    configure_cpu(args.threads)
     cfg = read_json(args.config)
     distributed.init_from_env()   # before the model is loaded: on CUDA it picks this process's GPU
     try:

@@ -29,7 +29,7 @@ import torch
 import yaml
 
 from workflow.checkpoints import CHECKPOINT
-from workflow.common import hardware, log, set_threads
+from workflow.common import configure_cpu, hardware, log
 from workflow.config import CONFIG_DIR, compose, expand_grid
 from workflow.measure import measure_peak
 from workflow.modeling import apply_cell_method, build_scratch_model, count_parameters, load_model
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     parser.add_argument("--db", type=Path, required=True, help="DuckDB file to add the rows to (table benchmarks)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    set_threads(args.threads)
+    configure_cpu(args.threads)
     cfg = compose(args.study, args.overrides)
     bench_cfg = yaml.safe_load((CONFIG_DIR / "benchmark.yaml").read_text())
     on = device()

@@ -40,7 +40,7 @@ import torch
 
 from methods import attention_of, get_attention
 from methods.attention import check_prefill_chunk
-from workflow.common import hardware, set_threads
+from workflow.common import configure_cpu, hardware
 from workflow.config import cell_id, compose, expand_grid
 from workflow.measure import measure_peak, measure_time
 from workflow.modeling import apply_cell_method, build_scratch_model, load_model
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
             parser.error(str(exc))
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    set_threads(args.threads)
+    configure_cpu(args.threads)
     cfg = compose(args.study, args.overrides)
     chunk = check_prefill_chunk(args.prefill_chunk if args.prefill_chunk is not None
                                 else cfg["eval"].get("prefill_chunk"))
