@@ -130,7 +130,6 @@ def test_the_gpu_targets_are_checked_from_the_rows():
     assert [line.split()[0] for line in lines] == ["FAIL", "FAIL", "FAIL"]
 
 
-
 TRAINING_STEPS = """
 import resource, sys, torch
 from workflow.common import configure_cpu

@@ -70,9 +70,11 @@ def configure_cpu(threads: int) -> int:
     (keep_freed_memory). Every stage calls it first. Returns the number of threads."""
     import torch
 
+    from workflow.runtime import device
+
     threads = max(1, int(threads))
     torch.set_num_threads(threads)
-    if not torch.cuda.is_available():
+    if device().type == "cpu":
         keep_freed_memory()
     return threads
 
@@ -85,12 +87,10 @@ HEAP_ALLOCATION_LIMIT = 2**30   # bytes: larger allocations are still mapped and
 def keep_freed_memory() -> bool:
     """Have glibc's malloc serve every allocation up to HEAP_ALLOCATION_LIMIT from its heap and keep freed memory
     there, instead of mapping each large tensor afresh (glibc maps those above a threshold of at most 32 MiB) and
-    returning it to the system when freed. On the CPU, torch frees and re-allocates the same large tensors (logits,
-    their gradients, attention outputs) every step, and each fresh mapping costs a page fault per 4 KiB page when it
-    is first written: a tiny fine-tuning job at 1024 tokens spent 37-42 of its 186-196 s in the kernel (16.5 million
-    page faults), and 4-5 of 153-155 s with this (0.5 million), for the same weights bit for bit (README, "Real
-    models, GPUs and clusters"). The process keeps its peak heap until it exits (1.9 instead of 1.6 GB there).
-    Returns False where the C library has no mallopt (not glibc) and nothing was changed."""
+    returning it to the system when freed. A training step on the CPU frees and re-allocates the same large tensors
+    (logits, their gradients), and every fresh mapping costs a page fault per 4 KiB page when it is first written
+    (measured in README, "Real models, GPUs and clusters"). The process keeps its peak heap until it exits. Returns
+    False where the C library has no mallopt (not glibc) and nothing was changed."""
     import ctypes
 
     try:
